@@ -1,0 +1,1 @@
+"""samstudy benchmarks: `make bench` (or `python -m benchmarks [--only NAME] [--quick]`)."""

@@ -1,0 +1,5 @@
+import sys
+
+from samstudy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""The trial config: one plain nested mapping, validated by pydantic.
+
+A study file's ``base:`` is this same mapping, and study grids address its leaves by dotted path
+(``optimizer.rho``, ``noise.rate``, ``model.name``). Every field has a default, so ``{}`` is a
+valid (digits, MLP, SAM) trial.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticConfig(_Strict):
+    """Gaussian data for the linear and 2-layer linear models (theory studies)."""
+
+    n_train: int = Field(512, ge=2)
+    n_test: int = Field(2048, ge=2)
+    dim: int = Field(32, ge=1)
+    num_classes: int = Field(2, ge=2)
+    margin: float = Field(1.0, ge=0.0, description="distance of the class means from the origin")
+
+
+class DataConfig(_Strict):
+    name: Literal["digits", "cifar10", "cifar100", "gaussian"] = "digits"
+    root: str = Field("data", description="CIFAR root directory (relative paths: to the project)")
+    download: bool = False
+    augment: bool = Field(True, description="random crop (pad 4) and horizontal flip; CIFAR only")
+    loader: Literal["auto", "device", "torchvision"] = "auto"
+    num_workers: int = Field(0, ge=0, description="torchvision loader workers")
+    test_size: float = Field(0.2, gt=0.0, lt=1.0, description="digits: stratified test share")
+    split_seed: int = 0
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class NoiseConfig(_Strict):
+    kind: Literal["none", "symmetric", "asymmetric", "human"] = "none"
+    rate: float = Field(0.0, ge=0.0, lt=1.0)
+    seed: int = Field(0, description="noise is drawn from its own seed, not the training seed")
+    label_file: str | None = Field(None, description="CIFAR-N labels (.pt or .npy) for kind=human")
+    label_key: str = Field("worse_label", description="key inside a CIFAR-N .pt file")
+
+    @model_validator(mode="after")
+    def _human_needs_file(self) -> NoiseConfig:
+        if self.kind == "human" and not self.label_file:
+            raise ValueError("noise.kind 'human' needs noise.label_file (a CIFAR-N label file)")
+        return self
+
+
+class ModelConfig(_Strict):
+    name: str = "mlp"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from samstudy.models import available_models
+
+        names = available_models()
+        if name not in names:
+            raise ValueError(f"unknown model {name!r}; allowed: {', '.join(sorted(names))}")
+        return name
+
+
+class ScheduleConfig(_Strict):
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    milestones: list[int] = Field(default_factory=list, description="step: epochs where lr *= gamma")
+    gamma: float = Field(0.1, gt=0.0)
+    min_lr: float = Field(0.0, ge=0.0)
+
+
+class SharpnessConfig(_Strict):
+    every: int = Field(0, ge=0, description="epochs between measurements; 0 = off")
+    batch_size: int = Field(256, ge=1)
+    power_iters: int = Field(20, ge=1)
+    hutchinson_samples: int = Field(10, ge=1)
+
+
+DEFAULT_OPTIMIZER: dict[str, Any] = {"name": "sam", "base": "sgd", "lr": 0.05, "rho": 0.05}
+# Defaults of the base optimizer's own knobs, so `{name: sgd}` trains like the lab's recipe.
+DEFAULT_BASE_KNOBS: dict[str, dict[str, Any]] = {
+    "sgd": {"momentum": 0.9, "weight_decay": 5e-4},
+    "adamw": {"weight_decay": 5e-4},
+}
+
+
+class TrialConfig(_Strict):
+    data: DataConfig = DataConfig()
+    noise: NoiseConfig = NoiseConfig()
+    model: ModelConfig = ModelConfig()
+    optimizer: dict[str, Any] = Field(
+        default_factory=lambda: dict(DEFAULT_OPTIMIZER), validate_default=True
+    )
+    schedule: ScheduleConfig = ScheduleConfig()
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on CUDA")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads for this trial")
+    sharpness: SharpnessConfig = SharpnessConfig()
+    checkpoint_every: int = Field(1, ge=0, description="epochs between checkpoints; 0 = never")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap batches (smoke tests)")
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer_ok(cls, optimizer: dict[str, Any]) -> dict[str, Any]:
+        from samstudy.optim import check_optimizer_config
+
+        # A partial mapping overrides the defaults, so `{name: sgd}` keeps lr, momentum, ...
+        merged = {**DEFAULT_OPTIMIZER, **optimizer}
+        merged = {**DEFAULT_BASE_KNOBS.get(merged["base"], {}), **merged}
+        check_optimizer_config(merged)  # ValueError naming the knob and the allowed values
+        return merged
+
+
+def load_trial_config(mapping: dict[str, Any] | None) -> TrialConfig:
+    """Validate a plain mapping (``None`` means all defaults)."""
+    return TrialConfig.model_validate(mapping or {})
