@@ -1,0 +1,197 @@
+"""Raw data sets as CPU tensors: scikit-learn digits, CIFAR-10/100 (torchvision), Gaussian."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from filelock import FileLock
+
+# Standard per-channel statistics of the CIFAR training sets (pixels in [0, 1]).
+CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+# The torchvision classes that read CIFAR; tests substitute subclasses whose checksums match the
+# files they write, so the real torchvision code (integrity checks included) runs unchanged.
+TORCHVISION_CLASSES: dict[str, type[torchvision.datasets.CIFAR10]] = {
+    "cifar10": torchvision.datasets.CIFAR10,
+    "cifar100": torchvision.datasets.CIFAR100,
+}
+
+SYNTHETIC_DEFAULTS: dict[str, Any] = {
+    "n_train": 512,
+    "n_test": 2048,
+    "dim": 32,
+    "num_classes": 2,
+    "margin": 1.0,
+}
+
+
+# The checkout holding this package (an editable install): relative data roots live there, so
+# trials that run in other working directories (Ray's trial folders) find the same data.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_root(root: str | Path) -> Path:
+    """Absolute data root: relative paths are taken from the project root when samstudy runs
+    from its checkout (a ``pyproject.toml`` beside the package), from the working directory
+    otherwise."""
+    path = Path(root).expanduser()
+    if path.is_absolute():
+        return path
+    base = PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").is_file() else Path.cwd()
+    return base / path
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data set is missing from its root (and could not be downloaded)."""
+
+
+@dataclass
+class RawData:
+    """Clean data on the CPU; images are float32 (N, C, H, W), already normalised."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    # Per-channel value of a black pixel after normalisation: the fill of crop padding.
+    pad_value: torch.Tensor | None = None
+
+
+def load_digits(test_size: float, split_seed: int) -> RawData:
+    """scikit-learn's 8x8 digits (shipped with the package), pixels / 16, stratified split."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = sk_digits(return_X_y=True)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=test_size, random_state=split_seed, stratify=y
+    )
+
+    def images(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((a / 16.0).astype(np.float32)).reshape(-1, 1, 8, 8)
+
+    return RawData(
+        images(x_tr),
+        torch.from_numpy(y_tr).long(),
+        images(x_te),
+        torch.from_numpy(y_te).long(),
+        num_classes=10,
+    )
+
+
+def load_gaussian(synthetic: Mapping[str, Any] | None, seed: int) -> RawData:
+    """Class-conditional Gaussians N(mu_y, I) in ``dim`` dimensions, balanced classes.
+
+    Binary: mu = +-margin * u for a random unit vector u (the Bayes boundary passes through the
+    origin, as the bias-free linear models need). K > 2: mu_k = margin * u_k with orthonormal u_k
+    when K <= dim, random unit vectors otherwise. ``seed`` (the split seed) fixes the data.
+    """
+    cfg = {**SYNTHETIC_DEFAULTS, **_as_dict(synthetic)}
+    unknown = set(cfg) - set(SYNTHETIC_DEFAULTS)
+    if unknown:
+        raise ValueError(
+            f"unknown synthetic keys {sorted(unknown)}; allowed: {list(SYNTHETIC_DEFAULTS)}"
+        )
+    k, dim, margin = int(cfg["num_classes"]), int(cfg["dim"]), float(cfg["margin"])
+    if k < 2 or dim < 1:
+        raise ValueError(f"synthetic data needs num_classes >= 2 and dim >= 1, got {k=}, {dim=}")
+    gen = torch.Generator().manual_seed(int(seed))
+    if k == 2:
+        u = torch.randn(dim, generator=gen, dtype=torch.float64)
+        u = u / u.norm()
+        means = torch.stack([-u, u])
+    elif k <= dim:
+        q, _ = torch.linalg.qr(torch.randn(dim, k, generator=gen, dtype=torch.float64))
+        means = q.T
+    else:
+        means = torch.randn(k, dim, generator=gen, dtype=torch.float64)
+        means = means / means.norm(dim=1, keepdim=True)
+    means = margin * means
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(n) % k
+        y = y[torch.randperm(n, generator=gen)]
+        x = means[y] + torch.randn(n, dim, generator=gen, dtype=torch.float64)
+        return x.float(), y.long()
+
+    train_x, train_y = sample(int(cfg["n_train"]))
+    test_x, test_y = sample(int(cfg["n_test"]))
+    return RawData(train_x, train_y, test_x, test_y, num_classes=k)
+
+
+def load_cifar(name: str, root: str | Path, download: bool) -> RawData:
+    """CIFAR-10/100 through torchvision, normalised with the standard mean/std.
+
+    A file lock in ``root`` serialises download and verification, so trials starting together
+    on one node cannot corrupt a download or read a half-extracted archive.
+    """
+    cls = TORCHVISION_CLASSES[name]
+    root = resolve_root(root)
+    if download:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DataNotFoundError(f"{name}: cannot create data root {root}: {err}") from err
+    # A read-only root (a shared, pre-filled data folder) needs no lock: nobody writes there.
+    writable = root.is_dir() and os.access(root, os.W_OK)
+    lock = FileLock(str(root / f".{name}.lock")) if writable else contextlib.nullcontext()
+    with lock:
+        try:
+            train = cls(str(root), train=True, download=download)
+            test = cls(str(root), train=False, download=download)
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+            raise DataNotFoundError(_missing_message(name, cls, root, download, err)) from err
+        except OSError as err:  # download attempted without network
+            raise DataNotFoundError(_missing_message(name, cls, root, download, err)) from err
+    mean, std = CIFAR_STATS[name]
+    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+    std_t = torch.tensor(std).view(1, 3, 1, 1)
+
+    def images(data: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(data)).permute(0, 3, 1, 2).float().div_(255)
+        return x.sub_(mean_t).div_(std_t).contiguous()
+
+    return RawData(
+        images(train.data),
+        torch.tensor(train.targets, dtype=torch.long),
+        images(test.data),
+        torch.tensor(test.targets, dtype=torch.long),
+        num_classes=len(train.classes),
+        pad_value=(-mean_t / std_t).view(3),
+    )
+
+
+def _missing_message(
+    name: str, cls: type[torchvision.datasets.CIFAR10], root: Path, download: bool, err: Exception
+) -> str:
+    folder = root / cls.base_folder
+    how = (
+        "the download failed (no network?)"
+        if download
+        else "set data.download: true where the network allows"
+    )
+    return (
+        f"{name} not found (or corrupted) under data root {root} (expected {folder}): {how}, or "
+        f"fetch {cls.url} by hand and extract it into {root} so that {folder} exists "
+        f"(e.g. `tar -xzf {cls.filename} -C {root}`). torchvision said: {err}"
+    )
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    if hasattr(obj, "model_dump"):  # a pydantic SyntheticConfig
+        return dict(obj.model_dump())
+    return dict(obj)
