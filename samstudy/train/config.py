@@ -28,7 +28,9 @@ class SyntheticConfig(_Strict):
 
 class DataConfig(_Strict):
     name: Literal["digits", "cifar10", "cifar100", "gaussian"] = "digits"
-    root: str = Field("data", description="CIFAR root directory (relative paths: to the project)")
+    root: str = Field(
+        "data", description="CIFAR root directory (a relative path: to the current directory)"
+    )
     download: bool = False
     augment: bool = Field(True, description="random crop (pad 4) and horizontal flip; CIFAR only")
     loader: Literal["auto", "device", "torchvision"] = "auto"
@@ -70,7 +72,9 @@ class ModelConfig(_Strict):
 class ScheduleConfig(_Strict):
     name: Literal["cosine", "step", "constant"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0.0)
-    milestones: list[int] = Field(default_factory=list, description="step: epochs where lr *= gamma")
+    milestones: list[int] = Field(
+        default_factory=list, description="step: epochs where lr *= gamma"
+    )
     gamma: float = Field(0.1, gt=0.0)
     min_lr: float = Field(0.0, ge=0.0)
 

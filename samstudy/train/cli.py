@@ -1,0 +1,231 @@
+"""``samstudy train``: one trial from a YAML config (the mapping a study trial gets).
+
+Prints one progress line per epoch, writes the metrics (final and per epoch) to a JSON file and,
+with ``--checkpoint-dir``, the latest checkpoint to ``DIR/last.pt`` (resume with ``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from samstudy.train.config import TrialConfig, load_trial_config
+
+EXIT_BAD_CONFIG = 2
+
+
+class ConfigError(Exception):
+    """A config problem to print as one message, without a traceback."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="samstudy train",
+        description="Run one trial from a config file and write its per-epoch metrics.",
+        epilog="example: samstudy train --config trial.yaml --set optimizer.rho=0.1 "
+        "--set noise.rate=0.4 --out metrics.json",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE.yaml", help="trial config (YAML mapping); default: all defaults"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override one field; VALUE is parsed as YAML (repeatable), e.g. optimizer.rho=0.1",
+    )
+    parser.add_argument(
+        "--out", metavar="metrics.json", default="metrics.json", help="metrics JSON file"
+    )
+    parser.add_argument("--resume", metavar="CKPT.pt", help="continue from this checkpoint")
+    parser.add_argument(
+        "--checkpoint-dir", metavar="DIR", help="write each checkpoint to DIR/last.pt (atomically)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    return parser
+
+
+def apply_override(mapping: dict[str, Any], assignment: str) -> None:
+    """Set ``key.path=value`` in a nested mapping; the value is parsed as YAML."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected KEY.PATH=VALUE")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({exc})") from None
+    parts = key.strip().split(".")
+    node = mapping
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"--set {assignment!r}: {where} is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config_file(path: str | None) -> dict[str, Any]:
+    """Read a YAML mapping (``yaml.safe_load``); no file means ``{}`` (all defaults)."""
+    if path is None:
+        return {}
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping at the top level, got {type(loaded).__name__}"
+        )
+    return loaded
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str] | None:
+    """Field names of the config section at ``loc`` (None when it is not a config section)."""
+    model: Any = TrialConfig
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return list(model.model_fields)
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    """One line per problem: ``source: field a.b.c: message`` (the message names what is allowed)."""
+    lines = [f"{source}: invalid trial config"]
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            # pydantic does not say which keys exist; a typo is the usual cause.
+            allowed = _fields_at(tuple(item["loc"][:-1]))
+            if allowed:
+                message = f"unknown field; allowed: {', '.join(allowed)}"
+        lines.append(f"  {source}: field {field}: {message}")
+    return "\n".join(lines)
+
+
+def _finite_or_none(value: Any) -> Any:
+    # Strict JSON has no NaN/Infinity: undefined rates (no noisy samples) and diverged losses
+    # are written as null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {key: _finite_or_none(value) for key, value in metrics.items()}
+
+
+def progress_line(metrics: dict[str, Any], epochs: int) -> str:
+    """One human-readable line for an epoch's metrics."""
+
+    def f(key: str, digits: int = 3) -> str:
+        value = metrics.get(key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        return f"{value:.{digits}f}"
+
+    line = (
+        f"epoch {metrics['epoch']:>3}/{epochs}  loss {f('train_loss')}  acc {f('train_acc')} "
+        f"(clean {f('train_acc_clean')}, noisy {f('train_acc_noisy')})  "
+        f"mem {f('memorization')} rec {f('recovery')}  test {f('test_acc')} "
+        f"(best {f('best_test_acc')} @{metrics.get('best_epoch', '-')})  lr {f('lr', 4)}  "
+        f"{f('epoch_time', 1)}s {f('samples_per_sec', 0)}/s"
+    )
+    if "sharpness_lambda_max" in metrics:
+        line += f"  lambda_max {f('sharpness_lambda_max', 2)} trace {f('sharpness_trace', 1)}"
+    if metrics.get("status") not in (None, "running"):
+        line += f"  [{metrics['status']}]"
+    return line
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``samstudy train``; returns the exit status."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2): a return value, not an exit
+        return int(exc.code or 0)
+    source = args.config or "<defaults + --set>"
+    try:
+        mapping = load_config_file(args.config)
+        for assignment in args.overrides:
+            apply_override(mapping, assignment)
+        cfg = load_trial_config(mapping)
+    except ConfigError as exc:
+        print(f"samstudy train: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except ValidationError as exc:
+        print(f"samstudy train: {format_validation_error(source, exc)}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+
+    # Imported here: config errors are reported without loading data or model code.
+    from samstudy.train.checkpoint import load_checkpoint, save_checkpoint
+    from samstudy.train.loop import run_trial
+
+    resume = None
+    if args.resume:
+        try:
+            resume = load_checkpoint(args.resume)
+        except (OSError, RuntimeError) as exc:
+            print(f"samstudy train: {args.resume}: cannot load checkpoint ({exc})", file=sys.stderr)
+            return 1
+
+    out = Path(args.out)
+    history: list[dict[str, Any]] = list(resume["history"]) if resume else []
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+
+    def write_metrics(final: dict[str, Any]) -> None:
+        payload = {
+            "config": cfg.model_dump(),
+            "status": final.get("status"),
+            "final": _clean(final),
+            "history": [_clean(m) for m in history],
+        }
+        _write_json(out, payload)
+
+    def report(metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
+        history.append(metrics)
+        if not args.quiet:
+            print(progress_line(metrics, cfg.epochs), flush=True)
+        if checkpoint is not None and checkpoint_dir is not None:
+            save_checkpoint(checkpoint, checkpoint_dir / "last.pt")
+        # Rewritten every epoch so that an interrupted run still leaves its metrics behind.
+        write_metrics(metrics)
+
+    try:
+        final = run_trial(mapping, report, resume=resume)
+    except (ValueError, FileNotFoundError) as exc:
+        # Problems found while building the trial (missing CIFAR files, bad model kwargs,
+        # a checkpoint of another config): one message, no traceback.
+        print(f"samstudy train: {source}: {exc}", file=sys.stderr)
+        return 1
+    write_metrics(final)
+    if not args.quiet:
+        print(f"status {final['status']}; metrics written to {out}")
+    return 0

@@ -1,0 +1,112 @@
+"""``samstudy train``: happy path, resume from the checkpoint file, config errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from samstudy.train.cli import apply_override, main
+
+CONFIG = {
+    "noise": {"kind": "symmetric", "rate": 0.4},
+    "model": {"name": "mlp", "kwargs": {"width": 32, "depth": 1}},
+    "optimizer": {"name": "sgd", "lr": 0.1},
+    "batch_size": 128,
+    "epochs": 3,
+    "checkpoint_every": 2,
+}
+
+
+def _write(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "trial.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_run_writes_metrics_and_checkpoint_then_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cfg, out, ckpt = _write(tmp_path, CONFIG), tmp_path / "m.json", tmp_path / "ckpt"
+    code = main(
+        ["--config", str(cfg), "--set", "seed=4", "--out", str(out), "--checkpoint-dir", str(ckpt)]
+    )
+    assert code == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 3 and "[completed]" in lines[-1]
+    result = json.loads(out.read_text())  # strict JSON: NaN would not load in other tools
+    assert result["status"] == "completed"
+    assert result["config"]["seed"] == 4 and result["config"]["optimizer"]["lr"] == 0.1
+    assert [m["epoch"] for m in result["history"]] == [1, 2, 3]
+    assert (ckpt / "last.pt").exists()  # epoch 2's (checkpoint_every: 2)
+
+    out2 = tmp_path / "resumed.json"
+    code = main(
+        [
+            "--config",
+            str(cfg),
+            "--set",
+            "seed=4",
+            "--out",
+            str(out2),
+            "--resume",
+            str(ckpt / "last.pt"),
+        ]
+    )
+    assert code == 0
+    resumed = json.loads(out2.read_text())
+    assert [m["epoch"] for m in resumed["history"]] == [1, 2, 3]
+    timing = {"epoch_time", "samples_per_sec"}
+    strip = lambda m: {k: v for k, v in m.items() if k not in timing}  # noqa: E731
+    assert strip(resumed["final"]) == strip(result["final"])
+
+
+def test_bad_config_names_file_field_and_allowed_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cfg = _write(tmp_path, {**CONFIG, "schedule": {"name": "linear"}, "epoch": 3})
+    code = main(["--config", str(cfg), "--out", str(tmp_path / "m.json")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}: field schedule.name" in err and "'cosine', 'step' or 'constant'" in err
+    assert f"{cfg}: field epoch: unknown field; allowed:" in err and "epochs" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_bad_optimizer_and_model_from_set(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = ["--out", str(tmp_path / "m.json")]
+    assert main(["--set", "model.name=resnet7", *out]) == 2
+    err = capsys.readouterr().err
+    assert "field model.name" in err and "resnet18" in err  # the allowed names are listed
+    assert main(["--set", "optimizer.name=adamm", *out]) == 2
+    assert "field optimizer" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_unreadable_or_non_mapping_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    assert main(["--config", str(listing)]) == 2
+    assert "expected a mapping" in capsys.readouterr().err
+
+
+def test_help_lists_options(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--config", "--set", "--out", "--resume", "--checkpoint-dir"):
+        assert option in out
+
+
+def test_apply_override_parses_yaml_values() -> None:
+    mapping: dict = {"optimizer": {"name": "same"}}
+    apply_override(mapping, "optimizer.scales=[1.0, 0, 0, 0]")
+    apply_override(mapping, "noise.rate=0.4")
+    apply_override(mapping, "data.download=true")
+    assert mapping == {
+        "optimizer": {"name": "same", "scales": [1.0, 0, 0, 0]},
+        "noise": {"rate": 0.4},
+        "data": {"download": True},
+    }
