@@ -1,0 +1,111 @@
+"""Export speed: MLflow sqlite store -> Parquet against a ``get_metric_history`` loop.
+
+Builds a store of N runs x 20 metrics x E epochs by direct SQL inserts (not measured), then times
+``export_study`` (bulk SQL read, shaping, Parquet write) and the plain client loop a naive
+exporter would run (``search_runs`` plus one ``get_metric_history`` call per run and metric).
+The loop is timed on a subset of runs and extrapolated linearly (it is one call per run and
+metric, so its cost is linear in runs); the table says so. Targets (full size: 1000 x 20 x 200):
+export <= 30 s and >= 20x faster than the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+METRICS = [
+    "train_acc",
+    "train_acc_clean",
+    "train_acc_noisy",
+    "train_loss",
+    "train_loss_clean",
+    "train_loss_noisy",
+    "test_acc",
+    "test_loss",
+    "memorization",
+    "recovery",
+    "region_ckpt1",
+    "region_ckpt2",
+    "region_ckpt3",
+    "region_ckpt4",
+    "region_zero",
+    "grad_norm",
+    "grad_norm_p",
+    "grad_ratio",
+    "lr",
+    "epoch_time",
+]
+
+
+def run(quick: bool = False) -> str:
+    """Run the benchmark and return its markdown section."""
+    from mlflow import MlflowClient
+
+    from samstudy.analysis.export import export_study
+    from samstudy.analysis.synthetic import bulk_insert_study
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    n_runs, epochs = (100, 50) if quick else (1000, 200)
+    loop_runs = 10 if quick else 25
+    tmp = Path(tempfile.mkdtemp(prefix="bench_export_"))
+    try:
+        db = tmp / "mlflow.db"
+        uri = f"sqlite:///{db}"
+        client = MlflowClient(tracking_uri=uri)
+        start = time.perf_counter()
+        run_ids = bulk_insert_study(str(db), client, "bench", n_runs, METRICS, epochs)
+        build_s = time.perf_counter() - start
+        values = n_runs * len(METRICS) * epochs
+
+        result = export_study("bench", uri, root=tmp / "results")
+        assert result.n_runs == n_runs and result.n_metric_rows == values, result
+
+        # The naive exporter: list the runs, then one history call per run and metric.
+        start = time.perf_counter()
+        exp = client.get_experiment_by_name("bench")
+        found = client.search_runs([exp.experiment_id], max_results=1000)
+        search_s = time.perf_counter() - start
+        start = time.perf_counter()
+        fetched = 0
+        for run_id in run_ids[:loop_runs]:
+            for key in METRICS:
+                fetched += len(client.get_metric_history(run_id, key))
+        loop_subset_s = time.perf_counter() - start
+        assert fetched == loop_runs * len(METRICS) * epochs and found
+        loop_s = search_s + loop_subset_s * n_runs / loop_runs
+        speedup = loop_s / result.total_s
+        size_mb = sum(f.stat().st_size for f in (tmp / "results").rglob("*.parquet")) / 1e6
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    if quick:  # fixed costs dominate at the quick size; the targets are for the full size
+        ok_time = ok_ratio = "n/a (quick size)"
+    else:
+        ok_time = "yes" if result.total_s <= 30 else "NO"
+        ok_ratio = "yes" if speedup >= 20 else "NO"
+    return "\n".join(
+        [
+            f"## Export: {n_runs} runs x {len(METRICS)} metrics x {epochs} epochs "
+            f"({values:,} values, sqlite store)",
+            "",
+            "| what | seconds | note |",
+            "|---|---|---|",
+            f"| build store (direct inserts, not measured) | {build_s:.1f} | |",
+            f"| export_study: read | {result.read_s:.2f} | 5 SQL queries + shaping |",
+            f"| export_study: write | {result.write_s:.2f} | {size_mb:.1f} MB Parquet (zstd) |",
+            f"| **export_study total** | **{result.total_s:.2f}** | target <= 30 s: {ok_time} |",
+            f"| get_metric_history loop, {loop_runs} runs measured | {loop_subset_s:.2f} | "
+            f"{loop_runs * len(METRICS)} calls |",
+            f"| get_metric_history loop, all {n_runs} runs (extrapolated) | {loop_s:.1f} | "
+            f"search_runs {search_s:.2f} s + {n_runs / loop_runs:.0f} x the subset |",
+            f"| **speed-up** | **{speedup:.0f}x** | target >= 20x: {ok_ratio} |",
+            "",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    print(run(quick=False))

@@ -1,0 +1,109 @@
+"""``samstudy export NAME`` and ``samstudy report NAME`` (``make export`` / ``make report``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from samstudy.analysis.schema import DEFAULT_ROOT
+
+
+def _stages(text: str) -> dict[str, tuple[float, float]]:
+    """Parse ``early=0:0.33,late=0.67:1`` into ``{"early": (0.0, 0.33), "late": (0.67, 1.0)}``."""
+    stages: dict[str, tuple[float, float]] = {}
+    try:
+        for item in text.split(","):
+            name, bounds = item.split("=", 1)
+            low, high = (float(b) for b in bounds.split(":", 1))
+            if not 0.0 <= low < high <= 1.0:
+                raise ValueError
+            stages[name.strip()] = (low, high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad --stages {text!r}: use NAME=LOW:HIGH[,NAME=LOW:HIGH...] with fractions of the "
+            "epochs, 0 <= LOW < HIGH <= 1, e.g. early=0:0.33,late=0.67:1"
+        ) from None
+    return stages
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """Export a study from MLflow to Parquet; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="samstudy export",
+        description="Export a study (MLflow experiment) to results/{runs,metrics}/study=NAME.",
+    )
+    parser.add_argument("name", help="study name (= MLflow experiment name)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store or server (default: MLFLOW_TRACKING_URI, else mlflow.db in the "
+        "project root, as `samstudy study` uses)",
+    )
+    parser.add_argument(
+        "--root", default=str(DEFAULT_ROOT), help="results folder (default: results)"
+    )
+    parser.add_argument(
+        "--best-by", default="test_acc", help="metric for best/early-stopped values"
+    )
+    parser.add_argument("--best-mode", choices=["max", "min"], default="max")
+    args = parser.parse_args(argv)
+
+    from samstudy.analysis.export import StudyNotFoundError, export_study
+
+    try:
+        result = export_study(
+            args.name, args.tracking_uri, args.root, best_by=args.best_by, best_mode=args.best_mode
+        )
+    except (StudyNotFoundError, ValueError) as error:
+        print(f"samstudy export: {error}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    """Build the HTML and markdown report of exported studies; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="samstudy report",
+        description="Build results/reports/NAME/report.{html,md} from the Parquet export.",
+    )
+    parser.add_argument("names", nargs="+", help="study name(s); several are analysed together")
+    parser.add_argument(
+        "--root", default=str(DEFAULT_ROOT), help="results folder (default: results)"
+    )
+    parser.add_argument("--out", default=None, help="output folder (default: ROOT/reports/NAME)")
+    parser.add_argument(
+        "--reference",
+        default="sam",
+        help="reference variant: a variant label, or an optimizer name (default: sam)",
+    )
+    parser.add_argument(
+        "--stages",
+        type=_stages,
+        default=None,
+        help="stage bounds as fractions of the epochs (default: early=0:0.333,late=0.667:1)",
+    )
+    parser.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
+    parser.add_argument("--best-by", default="test_acc", help="metric for early stopping")
+    args = parser.parse_args(argv)
+
+    from samstudy.analysis.report import build_report
+
+    try:
+        result = build_report(
+            args.names,
+            root=args.root,
+            out_dir=args.out,
+            reference=args.reference,
+            stages=args.stages,
+            level=args.level,
+            best_by=args.best_by,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        print(f"samstudy report: {error}", file=sys.stderr)
+        return 1
+    print(f"report: {result.html}\n        {result.markdown} ({len(result.figures)} figures)")
+    if not result.hypothesis.empty:
+        print("\nverdicts (variant x stage):")
+        print(result.hypothesis.to_string())
+    return 0
