@@ -1,0 +1,189 @@
+"""StudyTracker against a real sqlite MLflow store: layout, idempotence, buffering and spool."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from samstudy.study.tracking import (
+    StudyTracker,
+    TrackingError,
+    check_tracking_uri,
+    trial_metrics,
+)
+
+TRIAL = {
+    "trial_id": "abc123def456",
+    "name": "sam-rho0.1-mlp-n0.4-s1",
+    "config": {"optimizer": {"name": "sam", "rho": 0.1, "scales": [1, 0, 0, 0]}, "seed": 1},
+    "overrides": {"optimizer.rho": 0.1},
+}
+
+
+@pytest.fixture(scope="module")
+def empty_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An initialised MLflow sqlite file: creating one runs every migration (seconds)."""
+    path = tmp_path_factory.mktemp("mlflow") / "empty.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def uri(tmp_path: Path, empty_db: Path) -> str:
+    shutil.copy(empty_db, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def _runs(uri: str, study: str = "demo", role: str = "trial") -> list:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(study)
+    assert experiment is not None
+    return client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`samstudy.role` = '{role}'"
+    )
+
+
+def _history(uri: str, run_id: str, key: str = "loss") -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def _log(tracker: StudyTracker, epochs: range) -> None:
+    for epoch in epochs:
+        tracker.log_result(
+            TRIAL, {"epoch": epoch, "loss": 1.0 / epoch, "status": "running", "pid": 7}
+        )
+
+
+def test_layout_params_tags_and_steps(uri: str) -> None:
+    tracker = StudyTracker(uri, "demo", study_sha256="f" * 64, description="a demo")
+    tracker.start()
+    tracker.trial_started(TRIAL)
+    _log(tracker, range(1, 4))
+    tracker.set_status(TRIAL, "diverged")
+    assert tracker.finish("complete", timeout=30) == 0
+
+    (parent,) = _runs(uri, role="parent")
+    assert parent.info.run_name == "demo" and parent.info.status == "FINISHED"
+    assert parent.data.tags["samstudy.status"] == "complete"
+    assert parent.data.tags["mlflow.note.content"] == "a demo"
+    (run,) = _runs(uri)
+    assert run.info.run_name == TRIAL["name"]
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["mlflow.parentRunId"] == parent.info.run_id
+    assert tags["samstudy.trial_id"] == TRIAL["trial_id"]
+    assert tags["samstudy.study"] == "demo"
+    assert tags["samstudy.study_sha256"] == "f" * 64
+    assert tags["samstudy.status"] == "diverged"
+    assert tags["samstudy.version"] and tags["samstudy.git_commit"]
+    assert run.data.params == {
+        "optimizer.name": "sam",
+        "optimizer.rho": "0.1",
+        "optimizer.scales": "[1, 0, 0, 0]",
+        "seed": "1",
+    }
+    assert _history(uri, run.info.run_id) == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert "pid" not in run.data.metrics  # Tune bookkeeping is not a trial metric
+
+
+def test_second_tracker_reuses_run_and_skips_logged_epochs(uri: str) -> None:
+    first = StudyTracker(uri, "demo")
+    first.start()
+    _log(first, range(1, 4))
+    first.finish("interrupted", timeout=30)
+    (parent,) = _runs(uri, role="parent")
+    assert parent.info.status == "KILLED"
+
+    # A resumed study in a new process: the trial re-reports from its epoch-2 checkpoint.
+    second = StudyTracker(uri, "demo")
+    second.start()
+    second.trial_started(TRIAL)
+    _log(second, range(3, 6))
+    second.set_status(TRIAL, "completed")
+    second.finish("complete", timeout=30)
+
+    (run,) = _runs(uri)  # still one run for the trial, and one parent
+    assert len(_runs(uri, role="parent")) == 1
+    assert [step for step, _ in _history(uri, run.info.run_id)] == [1, 2, 3, 4, 5]
+    assert _runs(uri, role="parent")[0].info.status == "FINISHED"
+
+
+def test_failed_then_retried_status(uri: str) -> None:
+    tracker = StudyTracker(uri, "demo")
+    tracker.start()
+    tracker.set_status(TRIAL, "failed")
+    tracker.flush(30)
+    assert _runs(uri)[0].info.status == "FAILED"
+    tracker.set_status(TRIAL, "running")
+    tracker.flush(30)
+    run = _runs(uri)[0]
+    assert run.info.status == "RUNNING" and run.data.tags["samstudy.status"] == "running"
+    tracker.finish(None, timeout=30)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_store_buffers_then_spool_replays(
+    tmp_path: Path, uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    spool = tmp_path / "spool.json"
+    dead = StudyTracker(
+        f"http://127.0.0.1:{_closed_port()}", "demo", spool_path=spool, max_backoff_s=0.2
+    )
+    dead.start()
+    dead.trial_started(TRIAL)
+    _log(dead, range(1, 4))
+    dead.set_status(TRIAL, "completed")
+    left = dead.finish("complete", timeout=2)
+    assert left >= 5 and not dead.online and spool.is_file()
+
+    # The next run sends the spool first (here to a store that works) and removes it.
+    replay = StudyTracker(uri, "demo", spool_path=spool)
+    replay.start(announce=False)
+    assert replay.finish(None, timeout=30) == 0
+    assert not spool.exists()
+    (run,) = _runs(uri)
+    assert run.info.run_name == TRIAL["name"] and run.info.status == "FINISHED"
+    assert [s for s, _ in _history(uri, run.info.run_id)] == [1, 2, 3]
+    assert _runs(uri, role="parent")[0].data.tags["samstudy.status"] == "complete"
+
+
+def test_purge_soft_deletes_earlier_runs(uri: str) -> None:
+    old = StudyTracker(uri, "demo")
+    old.start()
+    _log(old, range(1, 3))
+    old.finish("complete", timeout=30)
+    old_run = _runs(uri)[0].info.run_id
+
+    fresh = StudyTracker(uri, "demo")
+    fresh.start(purge=True)
+    _log(fresh, range(1, 2))
+    fresh.finish("complete", timeout=30)
+    (run,) = _runs(uri)
+    assert run.info.run_id != old_run
+    assert MlflowClient(uri).get_run(old_run).info.lifecycle_stage == "deleted"
+    assert [s for s, _ in _history(uri, run.info.run_id)] == [1]
+
+
+def test_tracking_uri_rules(tmp_path: Path) -> None:
+    with pytest.raises(TrackingError, match="file store"):
+        check_tracking_uri(str(tmp_path / "mlruns"))
+    with pytest.raises(TrackingError, match="file store"):
+        check_tracking_uri("file:///tmp/mlruns")
+    assert check_tracking_uri("sqlite:///x.db", root=tmp_path) == f"sqlite:///{tmp_path}/x.db"
+    assert check_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_trial_metrics_keeps_numbers_only() -> None:
+    result = {"epoch": 3, "test_acc": 0.9, "status": "running", "done": False, "pid": 1}
+    result.update({"training_iteration": 3, "node_id": "abc", "config": {"a": 1}})
+    assert trial_metrics(result) == {"epoch": 3.0, "test_acc": 0.9}

@@ -1,0 +1,162 @@
+"""Runner pieces that need no Ray start: paths, search spaces, resume rules and the CLI's refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from samstudy.study import cli
+from samstudy.study.runner import (
+    STATE_FILE,
+    RunnerError,
+    _outcome,
+    absolute_paths,
+    decode_overrides,
+    final_status,
+    resolve_storage_path,
+    run_study,
+    search_space,
+    study_fingerprint,
+)
+from samstudy.study.spec import StudySpec, study_from_mapping
+
+BASE = {"data": {"name": "digits"}, "model": {"name": "mlp"}, "epochs": 2, "threads": 1}
+
+
+def grid_study(tmp: Path, name: str = "unit", **fields: Any) -> StudySpec:
+    data = {
+        "name": name,
+        "base": BASE,
+        "grid": {"seed": [0, 1]},
+        "storage_path": str(tmp / "ray"),
+        "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+        **fields,
+    }
+    return study_from_mapping(data, path=tmp / f"{name}.yaml")
+
+
+def test_storage_path_is_absolute(tmp_path: Path) -> None:
+    assert resolve_storage_path(None, tmp_path) == str(tmp_path / "results" / "ray")
+    assert resolve_storage_path("runs/x", tmp_path) == str(tmp_path / "runs" / "x")
+    assert resolve_storage_path("/abs/path", tmp_path) == "/abs/path"
+    assert resolve_storage_path("s3://bucket/studies/", tmp_path) == "s3://bucket/studies"
+
+
+def test_relative_data_paths_become_absolute(tmp_path: Path) -> None:
+    config = {"data": {"root": "data"}, "noise": {"label_file": "labels/c10n.pt"}, "seed": 1}
+    out = absolute_paths(config, tmp_path)
+    assert out["data"]["root"] == str(tmp_path / "data")
+    assert out["noise"]["label_file"] == str(tmp_path / "labels" / "c10n.pt")
+    assert config["data"]["root"] == "data"  # the input is not modified
+    assert absolute_paths({"data": {"root": "/x"}}, tmp_path)["data"]["root"] == "/x"
+
+
+def test_search_space_encodes_list_choices_and_includes_int_high(tmp_path: Path) -> None:
+    spec = grid_study(
+        tmp_path,
+        grid=None,
+        base={**BASE, "optimizer": {"name": "same", "scales": [1, 0, 0, 0]}},
+        search={
+            "num_samples": 2,
+            "params": {
+                "optimizer.scales": {
+                    "type": "categorical",
+                    "values": [[1, 0, 0, 0], [0, 1, 0, 0]],
+                },
+                "batch_size": {"type": "int", "low": 16, "high": 64, "log": True},
+                "optimizer.rho": {"type": "float", "low": 0.01, "high": 0.5},
+            },
+        },
+    )
+    space = search_space(spec)["overrides"]
+    assert space["optimizer.scales"].categories == ["[1, 0, 0, 0]", "[0, 1, 0, 0]"]
+    assert (space["batch_size"].lower, space["batch_size"].upper) == (16, 65)
+    assert (space["optimizer.rho"].lower, space["optimizer.rho"].upper) == (0.01, 0.5)
+    point = {"optimizer.scales": "[0, 1, 0, 0]", "batch_size": 32, "optimizer.rho": 0.1}
+    decoded = decode_overrides(spec, point)
+    assert decoded["optimizer.scales"] == [0, 1, 0, 0] and decoded["batch_size"] == 32
+    trial = spec.trial_from_overrides(decoded)
+    assert trial.config["optimizer"]["scales"] == [0, 1, 0, 0]
+
+
+def test_fingerprint_follows_the_trials_not_the_description(tmp_path: Path) -> None:
+    one = grid_study(tmp_path, description="first")
+    two = grid_study(tmp_path, description="second")
+    three = grid_study(tmp_path, grid={"seed": [0, 1, 2]})
+    assert study_fingerprint(one, one.expand()) == study_fingerprint(two, two.expand())
+    assert study_fingerprint(one, one.expand()) != study_fingerprint(three, three.expand())
+
+
+def test_outcome_and_final_status(tmp_path: Path) -> None:
+    spec = grid_study(tmp_path)
+    ids = [t.trial_id for t in spec.expand()]
+    state = {"trials": {ids[0]: {"status": "completed"}, ids[1]: {"status": "diverged"}}}
+    assert _outcome(spec, ids, state) == "complete"
+    state["trials"][ids[1]] = {"status": "failed"}
+    assert _outcome(spec, ids, state) == "failed"
+    state["trials"][ids[1]] = {"status": "running"}
+    assert _outcome(spec, ids, state) == "interrupted"
+    assert _outcome(spec, ids, {"trials": {}}) == "interrupted"
+    assert final_status({"status": "diverged"}) == "diverged"
+    assert final_status({"status": "running"}) == "stopped"  # ended early by ASHA
+    assert final_status(None) == "stopped"
+
+
+def test_changed_study_is_not_resumed(tmp_path: Path) -> None:
+    spec = grid_study(tmp_path)
+    experiment = tmp_path / "ray" / "unit"
+    experiment.mkdir(parents=True)
+    state = {"fingerprint": "something-else", "complete": False, "trials": {}}
+    (experiment / STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(RunnerError, match="--fresh"):
+        run_study(spec)
+
+
+def test_cli_refuses_bad_study_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nbase:\n  optimizer: {rho: -1}\n")
+    assert cli.study_main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "rho" in err and "Traceback" not in err
+    assert cli.plan_main([str(bad)]) == 2
+    assert not (tmp_path / "results").exists()
+
+
+def test_cli_refuses_file_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = tmp_path / "filestore.yaml"
+    study.write_text(
+        "name: filestore\nbase: {epochs: 1}\n"
+        f"storage_path: {tmp_path / 'ray'}\ntracking: {{tracking_uri: {tmp_path / 'mlruns'}}}\n"
+    )
+    assert cli.study_main([str(study)]) == 2
+    assert "file store" in capsys.readouterr().err
+    assert not (tmp_path / "ray").exists()
+
+
+def test_cli_plan_prints_the_trials(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = grid_study(tmp_path)
+    (tmp_path / "unit.yaml").write_text(
+        json.dumps({"name": "unit", "base": BASE, "grid": {"seed": [0, 1]}})
+    )
+    assert cli.plan_main([str(tmp_path / "unit.yaml")]) == 0
+    out = capsys.readouterr().out
+    for trial in spec.expand():
+        assert trial.trial_id in out
+
+
+def test_ray_client_address_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from samstudy.study.runner import init_ray
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already open in this process")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    with pytest.raises(RunnerError, match="Ray Client"):
+        init_ray()
+    assert not ray.is_initialized()
