@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 from filelock import FileLock
 
 # Standard per-channel statistics of the CIFAR training sets (pixels in [0, 1]).
@@ -20,12 +19,23 @@ CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 
-# The torchvision classes that read CIFAR; tests substitute subclasses whose checksums match the
-# files they write, so the real torchvision code (integrity checks included) runs unchanged.
-TORCHVISION_CLASSES: dict[str, type[torchvision.datasets.CIFAR10]] = {
-    "cifar10": torchvision.datasets.CIFAR10,
-    "cifar100": torchvision.datasets.CIFAR100,
-}
+# The torchvision classes that read CIFAR, filled on first use: importing torchvision costs seconds
+# in every Ray worker, and digits/synthetic trials never need it. Tests put subclasses here whose
+# checksums match the files they write, so the real torchvision code (integrity checks included)
+# runs unchanged.
+TORCHVISION_CLASSES: dict[str, type] = {}
+
+
+def cifar_class(name: str) -> type:
+    """torchvision's reader class for ``cifar10`` / ``cifar100`` (or a test's substitute)."""
+    if name not in TORCHVISION_CLASSES:
+        import torchvision
+
+        TORCHVISION_CLASSES[name] = {
+            "cifar10": torchvision.datasets.CIFAR10,
+            "cifar100": torchvision.datasets.CIFAR100,
+        }[name]
+    return TORCHVISION_CLASSES[name]
 
 SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "n_train": 512,
@@ -137,7 +147,7 @@ def load_cifar(name: str, root: str | Path, download: bool) -> RawData:
     A file lock in ``root`` serialises download and verification, so trials starting together
     on one node cannot corrupt a download or read a half-extracted archive.
     """
-    cls = TORCHVISION_CLASSES[name]
+    cls = cifar_class(name)
     root = resolve_root(root)
     if download:
         try:
@@ -174,7 +184,7 @@ def load_cifar(name: str, root: str | Path, download: bool) -> RawData:
 
 
 def _missing_message(
-    name: str, cls: type[torchvision.datasets.CIFAR10], root: Path, download: bool, err: Exception
+    name: str, cls: type, root: Path, download: bool, err: Exception
 ) -> str:
     folder = root / cls.base_folder
     how = (
