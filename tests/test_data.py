@@ -25,6 +25,7 @@ from samstudy.data import (
     build_data,
     crop_flip,
     epoch_plan,
+    resolve_device,
     symmetric_noise,
 )
 from samstudy.data.loaders import batch_bounds
@@ -293,9 +294,10 @@ def test_concurrent_trials_wait_for_the_root_lock(cifar10_root: Path) -> None:
 
 
 def test_relative_root_is_taken_from_the_project() -> None:
-    from samstudy.data.sources import PROJECT_ROOT, resolve_root
+    from samstudy.data.sources import resolve_root
+    from samstudy.paths import project_root
 
-    assert resolve_root("data") == PROJECT_ROOT / "data"
+    assert resolve_root("data") == project_root() / "data"
     assert resolve_root("/abs/cifar") == Path("/abs/cifar")
 
 
@@ -450,3 +452,16 @@ def test_bad_names_are_refused() -> None:
         build_data("digits", noise_kind="pair")
     with pytest.raises(ValueError, match="unknown loader"):
         build_data("digits").train_loader(8, loader="fast")
+
+
+def test_resolve_device_auto_explicit_and_missing_cuda() -> None:
+    cuda = torch.cuda.is_available()
+    auto = resolve_device("auto")
+    assert auto.type == ("cuda" if cuda else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    if cuda:
+        assert resolve_device("cuda").index == torch.cuda.current_device() == auto.index
+    else:
+        with pytest.raises(ValueError, match="'cuda:1' requested but CUDA is not available"):
+            resolve_device("cuda:1")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -461,7 +463,28 @@ def test_malformed_study_is_refused(
     assert str(path) in message, message
     for fragment in expected:
         assert fragment in message, f"{kind}: {fragment!r} not in {message!r}"
-    assert "Traceback" not in message
+
+
+# The command line: exit status 2, file and field path on stderr, and no traceback.
+CLI_BAD = ["unknown nested key", "unknown dotted path", "bad resources: key"]
+
+
+@pytest.mark.parametrize("kind", CLI_BAD)
+def test_plan_command_refuses_malformed_study_without_traceback(tmp_path: Path, kind: str) -> None:
+    _, text, expected = next(b for b in BAD if b[0] == kind)
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    done = subprocess.run(
+        [sys.executable, "-m", "samstudy", "plan", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"samstudy plan: {path}: "), done.stderr
+    assert expected[0] in done.stderr  # the field path
+    assert "Traceback" not in done.stderr and not done.stdout
 
 
 def test_exponent_numbers_are_floats_and_paths_resolve(tmp_path: Path) -> None:

@@ -1,12 +1,14 @@
 """``samstudy train``: happy path, resume from the checkpoint file, config errors."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from samstudy.train.cli import apply_override, main
+from samstudy.train.cli import ConfigError, apply_override, main
 
 CONFIG = {
     "noise": {"kind": "symmetric", "rate": 0.4},
@@ -69,8 +71,22 @@ def test_bad_config_names_file_field_and_allowed_values(
     assert code == 2
     err = capsys.readouterr().err
     assert f"{cfg}: field schedule.name" in err and "'cosine', 'step' or 'constant'" in err
-    assert f"{cfg}: field epoch: unknown field; allowed:" in err and "epochs" in err
-    assert "Traceback" not in err
+    assert f"{cfg}: field epoch: unknown field 'epoch' (did you mean 'epochs'?); allowed:" in err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_train_command_refuses_bad_config_without_traceback(tmp_path: Path) -> None:
+    cfg = _write(tmp_path, {**CONFIG, "noise": {"kind": "symmetric", "rat": 0.4}})
+    done = subprocess.run(
+        [sys.executable, "-m", "samstudy", "train", "--config", str(cfg), "--out", "m.json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"{cfg}: field noise.rat: unknown field 'rat' (did you mean 'rate'?)" in done.stderr
+    assert "Traceback" not in done.stderr
     assert not (tmp_path / "m.json").exists()
 
 
@@ -110,3 +126,25 @@ def test_apply_override_parses_yaml_values() -> None:
         "noise": {"rate": 0.4},
         "data": {"download": True},
     }
+
+
+def test_apply_override_uses_the_study_path_rules() -> None:
+    mapping: dict = {"optimizer": {"name": "same", "scales": [1.0, 0, 0, 0]}}
+    apply_override(mapping, "optimizer.scales[2]=0.5")  # list index, as in study grids
+    apply_override(mapping, "schedule.milestones=[10, 20]")
+    apply_override(mapping, "schedule.milestones.1=25")
+    apply_override(mapping, "model={name: mlp, kwargs: {width: 8}}")
+    apply_override(mapping, "model={kwargs: {depth: 1}}")  # a mapping merges, as in studies
+    assert mapping["optimizer"]["scales"] == [1.0, 0, 0.5, 0]
+    assert mapping["schedule"] == {"milestones": [10, 25]}
+    assert mapping["model"] == {"name": "mlp", "kwargs": {"width": 8, "depth": 1}}
+    with pytest.raises(ConfigError, match=r"unknown key 'rat' in noise \(did you mean 'rate'"):
+        apply_override(mapping, "noise.rat=0.4")
+    with pytest.raises(ConfigError, match="epochs is a value"):
+        apply_override(mapping, "epochs.max=3")
+    with pytest.raises(ConfigError, match="has no item 7"):
+        apply_override(mapping, "optimizer.scales.7=1")
+    with pytest.raises(ConfigError, match="not a mapping"):
+        apply_override({"noise": 0.4}, "noise.rate=0.4")
+    with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
+        apply_override(mapping, "noise.rate")

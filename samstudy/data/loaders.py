@@ -86,7 +86,28 @@ def crop_flip(
     return torch.gather(picked, 3, cols.view(b, 1, 1, w).expand(b, c, h, w))
 
 
-class DeviceLoader:
+class _EpochLoader:
+    """What both training loaders share: batch bounds, seed, and the epoch to replay."""
+
+    def __init__(
+        self, n: int, batch_size: int, *, seed: int, augment: bool, device: torch.device
+    ) -> None:
+        self.batch_size = batch_size
+        self.seed = seed
+        self.augment = augment
+        self.device = device
+        self.epoch = 0
+        self._bounds = batch_bounds(n, batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shuffle and augmentation the next iteration replays."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self._bounds)
+
+
+class DeviceLoader(_EpochLoader):
     """Device-resident training loader: whole data set as tensors, batches by index.
 
     With the tensors on the target device nothing crosses to the host per batch: the epoch
@@ -106,21 +127,9 @@ class DeviceLoader:
         fill: torch.Tensor | None,
         device: torch.device,
     ) -> None:
+        super().__init__(len(x), batch_size, seed=seed, augment=augment, device=device)
         self.x, self.y, self.y_true, self.noisy = x, y, y_true, noisy
-        self.batch_size = batch_size
-        self.seed = seed
-        self.augment = augment
         self.fill = fill
-        self.device = device
-        self.epoch = 0
-        self._bounds = batch_bounds(len(x), batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose shuffle and augmentation the next iteration replays."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self._bounds)
 
     def __iter__(self) -> Iterator[Batch]:
         plan = epoch_plan(len(self.x), self.seed, self.epoch).to(self.x.device)
@@ -169,7 +178,7 @@ class _PlannedDataset(Dataset):
         return x, int(self.y[i]), int(self.y_true[i]), bool(self.noisy[i]), i
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(_EpochLoader):
     """Dataset + DataLoader path for data kept on the CPU (torchvision transforms per sample).
 
     Yields the same batches as :class:`DeviceLoader` for the same (seed, epoch).
@@ -197,20 +206,8 @@ class TorchvisionLoader:
             augment,
             None if fill is None else fill.cpu(),
         )
-        self.batch_size = batch_size
-        self.seed = seed
-        self.augment = augment
-        self.device = device
+        super().__init__(len(x), batch_size, seed=seed, augment=augment, device=device)
         self.num_workers = num_workers
-        self.epoch = 0
-        self._bounds = batch_bounds(len(x), batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose shuffle and augmentation the next iteration replays."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self._bounds)
 
     def __iter__(self) -> Iterator[Batch]:
         plan = epoch_plan(len(self.dataset), self.seed, self.epoch)

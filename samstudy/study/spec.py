@@ -13,8 +13,6 @@ import copy
 import hashlib
 import json
 import re
-import types
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,18 +28,15 @@ from pydantic import (
     model_validator,
 )
 
-from samstudy.study.grid import (
+from samstudy.configpath import (
     PathError,
     check_path,
-    flatten_config,
-    flatten_overrides,
-    iter_block,
+    fields_at,
     parse_path,
-    run_name,
     set_path,
-    trial_id,
     unknown_key_message,
 )
+from samstudy.study.grid import flatten_config, flatten_overrides, iter_block, run_name, trial_id
 from samstudy.train.config import TrialConfig
 
 __all__ = [
@@ -689,7 +684,7 @@ def _message(err: dict[str, Any], root: type[BaseModel]) -> str:
     loc = tuple(err.get("loc", ()))
     kind = err.get("type", "")
     if kind == "extra_forbidden" and loc:
-        allowed = _fields_at(root, loc[:-1])
+        allowed = fields_at(root, loc[:-1])
         if allowed is not None:
             return unknown_key_message(str(loc[-1]), allowed)
     msg = str(err.get("msg", "invalid"))
@@ -700,36 +695,6 @@ def _message(err: dict[str, Any], root: type[BaseModel]) -> str:
     if not isinstance(value, dict | list) and kind not in ("value_error", "assertion_error"):
         msg += f" (got {value!r})"
     return msg
-
-
-def _fields_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
-    """Field names of the pydantic section at ``loc`` (for 'allowed:' lists), if it is one."""
-    annotation: Any = root
-    for part in loc:
-        annotation = _section(annotation)
-        if annotation is None:
-            return None
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            if part not in annotation.model_fields:
-                return None
-            annotation = annotation.model_fields[part].annotation
-        elif typing.get_origin(annotation) is dict:
-            annotation = typing.get_args(annotation)[1]
-        else:
-            return None
-    annotation = _section(annotation)
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return list(annotation.model_fields)
-    return None
-
-
-def _section(annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
-        return models[0] if len(models) == 1 else (args[0] if len(args) == 1 else None)
-    return annotation
 
 
 from samstudy.study.plan import format_plan  # noqa: E402  (plan.py needs StudySpec's module)

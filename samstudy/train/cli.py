@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
+from samstudy.configpath import PathError, check_path, fields_at, set_path, unknown_key_message
 from samstudy.train.config import TrialConfig, load_trial_config
 
 EXIT_BAD_CONFIG = 2
@@ -56,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def apply_override(mapping: dict[str, Any], assignment: str) -> None:
-    """Set ``key.path=value`` in a nested mapping; the value is parsed as YAML."""
+    """Set ``key.path=value`` in a nested mapping, in place; the value is parsed as YAML.
+
+    The path is checked against :class:`TrialConfig` and set with the study files' own rules
+    (``samstudy.configpath``): ``optimizer.scales.0=2`` indexes a list, a mapping value merges.
+    """
     key, sep, raw = assignment.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {assignment!r}: expected KEY.PATH=VALUE")
@@ -64,15 +69,11 @@ def apply_override(mapping: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({exc})") from None
-    parts = key.strip().split(".")
-    node = mapping
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            where = ".".join(parts[: i + 1])
-            raise ConfigError(f"--set {assignment!r}: {where} is not a mapping")
-        node = child
-    node[parts[-1]] = value
+    try:
+        parts = check_path(TrialConfig, key.strip())
+        set_path(mapping, parts, value, TrialConfig().model_dump(mode="json"))
+    except PathError as exc:
+        raise ConfigError(f"--set {assignment!r}: {exc}") from None
 
 
 def load_config_file(path: str | None) -> dict[str, Any]:
@@ -96,18 +97,6 @@ def load_config_file(path: str | None) -> dict[str, Any]:
     return loaded
 
 
-def _fields_at(loc: tuple[Any, ...]) -> list[str] | None:
-    """Field names of the config section at ``loc`` (None when it is not a config section)."""
-    model: Any = TrialConfig
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    return list(model.model_fields)
-
-
 def format_validation_error(source: str, error: ValidationError) -> str:
     """One line per problem: ``source: field a.b.c: message`` (the message names what is allowed)."""
     lines = [f"{source}: invalid trial config"]
@@ -116,9 +105,9 @@ def format_validation_error(source: str, error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             # pydantic does not say which keys exist; a typo is the usual cause.
-            allowed = _fields_at(tuple(item["loc"][:-1]))
+            allowed = fields_at(TrialConfig, tuple(item["loc"][:-1]))
             if allowed:
-                message = f"unknown field; allowed: {', '.join(allowed)}"
+                message = unknown_key_message(str(item["loc"][-1]), allowed, what="field")
         lines.append(f"  {source}: field {field}: {message}")
     return "\n".join(lines)
 
