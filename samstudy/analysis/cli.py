@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from samstudy.analysis.schema import DEFAULT_ROOT
 
@@ -26,21 +28,59 @@ def _stages(text: str) -> dict[str, tuple[float, float]]:
     return stages
 
 
+def export_source(
+    name: str,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    studies_dir: str | os.PathLike[str] | None = None,
+) -> tuple[str, str]:
+    """The (tracking URI, experiment) a study logged to, with the runner's precedence.
+
+    URI: ``tracking_uri``, then the study file's ``tracking.tracking_uri``, then
+    ``$MLFLOW_TRACKING_URI``, then ``sqlite:///<project root>/mlflow.db``; experiment:
+    ``experiment``, then the study file's ``tracking.experiment``, then ``name``. The study file
+    is ``<studies_dir>/NAME.yaml`` (default: ``./studies``, else ``<project root>/studies``);
+    without one only the explicit values and the defaults apply.
+    """
+    from samstudy.paths import project_root, resolve_tracking_uri
+
+    if studies_dir is None:
+        studies_dir = "studies" if Path("studies").is_dir() else project_root() / "studies"
+    study_uri = None
+    if (Path(studies_dir) / f"{name}.yaml").is_file() and not (tracking_uri and experiment):
+        from samstudy.study import load_study
+
+        spec = load_study(name, studies_dir)
+        study_uri = spec.tracking.tracking_uri
+        experiment = experiment or spec.experiment
+    return resolve_tracking_uri(tracking_uri or study_uri), experiment or name
+
+
 def export_main(argv: list[str] | None = None) -> int:
     """Export a study from MLflow to Parquet; returns the exit code."""
     parser = argparse.ArgumentParser(
         prog="samstudy export",
         description="Export a study (MLflow experiment) to results/{runs,metrics}/study=NAME.",
     )
-    parser.add_argument("name", help="study name (= MLflow experiment name)")
+    parser.add_argument("name", help="study name (studies/NAME.yaml)")
     parser.add_argument(
         "--tracking-uri",
         default=None,
-        help="MLflow store or server (default: MLFLOW_TRACKING_URI, else mlflow.db in the "
-        "project root, as `samstudy study` uses)",
+        help="MLflow store or server (default, as `samstudy study` picks it: the study file's "
+        "tracking.tracking_uri, else MLFLOW_TRACKING_URI, else mlflow.db in the project root)",
     )
     parser.add_argument(
-        "--root", default=str(DEFAULT_ROOT), help="results folder (default: results)"
+        "--experiment",
+        default=None,
+        help="MLflow experiment (default: the study file's tracking.experiment, else NAME)",
+    )
+    parser.add_argument(
+        "--studies-dir",
+        default=None,
+        help="folder of study files (default: ./studies if present, else <project root>/studies)",
+    )
+    parser.add_argument(
+        "--root", default=str(DEFAULT_ROOT), help=f"results folder (default: {DEFAULT_ROOT})"
     )
     parser.add_argument(
         "--best-by", default="test_acc", help="metric for best/early-stopped values"
@@ -49,12 +89,21 @@ def export_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from samstudy.analysis.export import StudyNotFoundError, export_study
+    from samstudy.study import StudyError
 
     try:
-        result = export_study(
-            args.name, args.tracking_uri, args.root, best_by=args.best_by, best_mode=args.best_mode
+        tracking_uri, experiment = export_source(
+            args.name, args.tracking_uri, args.experiment, args.studies_dir
         )
-    except (StudyNotFoundError, ValueError) as error:
+        result = export_study(
+            args.name,
+            tracking_uri,
+            args.root,
+            best_by=args.best_by,
+            best_mode=args.best_mode,
+            experiment=experiment,
+        )
+    except (StudyNotFoundError, StudyError, ValueError) as error:
         print(f"samstudy export: {error}", file=sys.stderr)
         return 1
     print(result.summary())

@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from samstudy import paths
 from samstudy.analysis.schema import (
     BEST_PREFIX,
     DEFAULT_ROOT,
@@ -433,29 +434,30 @@ def read_with_client(uri: str, study: str) -> RawStudy:
 
 
 def default_tracking_uri() -> str:
-    """Where ``samstudy study`` logs by default: ``MLFLOW_TRACKING_URI``, else the sqlite file
-    ``mlflow.db`` in the project root (the checkout holding pyproject.toml, else the working
-    directory), so that export finds the study whatever directory it runs from."""
-    explicit = os.environ.get("MLFLOW_TRACKING_URI")
-    if explicit:
-        return explicit
-    candidate = Path(__file__).resolve().parents[2]
-    root = candidate if (candidate / "pyproject.toml").is_file() else Path.cwd().resolve()
-    return f"sqlite:///{root / 'mlflow.db'}"
+    """Where ``samstudy study`` logs when neither the command line nor the study file says:
+    ``MLFLOW_TRACKING_URI``, else ``sqlite:///<project root>/mlflow.db`` (samstudy.paths), so
+    that export finds the study whatever directory it runs from."""
+    return paths.resolve_tracking_uri(None)
 
 
-def read_study(study: str, tracking_uri: str | None = None) -> RawStudy:
-    """Read with the fastest reader for the URI (default: ``default_tracking_uri()``)."""
-    tracking_uri = tracking_uri or default_tracking_uri()
-    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
-        # relative sqlite path: relative to the working directory, made explicit for messages
-        tracking_uri = f"sqlite:///{Path(tracking_uri[len('sqlite:///') :]).resolve()}"
+def read_study(
+    study: str, tracking_uri: str | None = None, experiment: str | None = None
+) -> RawStudy:
+    """Read with the fastest reader for the URI (default: ``default_tracking_uri()``). A
+    relative ``sqlite:///x.db`` is relative to the project root, as for ``samstudy study``.
+    ``experiment`` is the MLflow experiment to read (default: the study name); the result is
+    labelled ``study`` either way."""
+    tracking_uri = paths.resolve_tracking_uri(tracking_uri)
+    name = experiment or study
     scheme = tracking_uri.split(":", 1)[0].lower()
     if is_sql_uri(tracking_uri):
-        return read_sql_store(tracking_uri, study)
-    if scheme in HTTP_SCHEMES:
-        return read_tracking_server(tracking_uri, study)
-    return read_with_client(tracking_uri, study)
+        raw = read_sql_store(tracking_uri, name)
+    elif scheme in HTTP_SCHEMES:
+        raw = read_tracking_server(tracking_uri, name)
+    else:
+        raw = read_with_client(tracking_uri, name)
+    raw.study = study
+    return raw
 
 
 # --------------------------------------------------------------------------------------------
@@ -635,14 +637,16 @@ def export_study(
     root: str | os.PathLike[str] = DEFAULT_ROOT,
     best_by: str = "test_acc",
     best_mode: str = "max",
+    experiment: str | None = None,
 ) -> ExportResult:
     """Export one study from MLflow to ``ROOT/runs/study=NAME`` and ``ROOT/metrics/study=NAME``.
 
+    ``experiment`` is the MLflow experiment holding the runs (default: the study name).
     Re-exporting replaces both partitions atomically (see ``write_partitions``).
     """
     check_study_name(study)
     start = time.perf_counter()
-    raw = read_study(study, tracking_uri)
+    raw = read_study(study, tracking_uri, experiment)
     runs_table, metrics_table = build_tables(raw, best_by=best_by, best_mode=best_mode)
     read_s = time.perf_counter() - start
     start = time.perf_counter()

@@ -22,7 +22,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-DEFAULT_ROOT = Path("results")
+from samstudy.paths import results_root
+
+# Default results folder: <project root>/results (samstudy.paths), whatever the working directory.
+DEFAULT_ROOT = results_root()
 PART_FILE = "part-0.parquet"
 
 # `study` is dictionary-encoded inside the files on purpose: pyarrow types a Hive partition key as

@@ -55,21 +55,6 @@ class TrialData:
     extra_tags: Mapping[str, str] = field(default_factory=dict)
 
 
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Flatten a nested config to dotted-key param strings as the study tracker writes them:
-    strings as they are, everything else as JSON (``0.05``, ``true``, ``null``, ``[1, 0]``)."""
-    flat: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, name + "."))
-        elif isinstance(value, str):
-            flat[name] = value
-        else:
-            flat[name] = json.dumps(list(value) if isinstance(value, tuple) else value)
-    return flat
-
-
 def log_study(
     client: Any,
     study: str,
@@ -78,6 +63,8 @@ def log_study(
 ) -> dict[str, str]:
     """Log a study with the MLflow client; returns ``{trial_id: run_id}``."""
     from mlflow.entities import Metric, Param
+
+    from samstudy.study.tracking import flatten_params
 
     exp = client.get_experiment_by_name(study)
     exp_id = exp.experiment_id if exp else client.create_experiment(study)
@@ -100,7 +87,8 @@ def log_study(
         }
         run = client.create_run(exp_id, run_name=trial.run_name, tags=tags)
         run_id = run.info.run_id
-        params = [Param(k, v) for k, v in flatten(trial.params).items()]
+        # the study tracker's own writer (flatten_config + its string format): one params format
+        params = [Param(k, v) for k, v in flatten_params(trial.params).items()]
         metrics = [
             Metric(key, float(value), BASE_TIME_MS + epoch * epoch_ms, epoch)
             for key, values in trial.metrics.items()

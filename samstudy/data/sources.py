@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from filelock import FileLock
 
+from samstudy.paths import absolute_path
+
 # Standard per-channel statistics of the CIFAR training sets (pixels in [0, 1]).
 CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -37,6 +39,7 @@ def cifar_class(name: str) -> type:
         }[name]
     return TORCHVISION_CLASSES[name]
 
+
 SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "n_train": 512,
     "n_test": 2048,
@@ -46,20 +49,9 @@ SYNTHETIC_DEFAULTS: dict[str, Any] = {
 }
 
 
-# The checkout holding this package (an editable install): relative data roots live there, so
-# trials that run in other working directories (Ray's trial folders) find the same data.
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
 def resolve_root(root: str | Path) -> Path:
-    """Absolute data root: relative paths are taken from the project root when samstudy runs
-    from its checkout (a ``pyproject.toml`` beside the package), from the working directory
-    otherwise."""
-    path = Path(root).expanduser()
-    if path.is_absolute():
-        return path
-    base = PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").is_file() else Path.cwd()
-    return base / path
+    """Absolute data root: a relative path is taken from the project root (samstudy.paths)."""
+    return absolute_path(root)
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -183,9 +175,7 @@ def load_cifar(name: str, root: str | Path, download: bool) -> RawData:
     )
 
 
-def _missing_message(
-    name: str, cls: type, root: Path, download: bool, err: Exception
-) -> str:
+def _missing_message(name: str, cls: type, root: Path, download: bool, err: Exception) -> str:
     folder = root / cls.base_folder
     how = (
         "the download failed (no network?)"

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import samstudy
+from samstudy import paths
+from samstudy.paths import default_tracking_uri, project_root
 
 logger = logging.getLogger(__name__)
 
@@ -84,29 +86,13 @@ class TrackingError(ValueError):
     """A tracking set-up the platform refuses (for instance the MLflow file store)."""
 
 
-def project_root() -> Path:
-    """The samstudy checkout: the folder holding ``pyproject.toml`` above the package.
-
-    Falls back to the working directory for a non-editable install.
-    """
-    candidate = Path(samstudy.__file__).resolve().parents[1]
-    return candidate if (candidate / "pyproject.toml").is_file() else Path.cwd().resolve()
-
-
-def default_tracking_uri(root: Path | None = None) -> str:
-    """``sqlite:///<project root>/mlflow.db``: what ``samstudy ui`` opens."""
-    return f"sqlite:///{(root or project_root()) / 'mlflow.db'}"
-
-
 def resolve_tracking_uri(
     explicit: str | None = None, study_uri: str | None = None, root: Path | None = None
 ) -> str:
     """Pick the store: command line, then the study file, then ``MLFLOW_TRACKING_URI``, then
     the default sqlite file in the project root. Relative sqlite paths are made absolute
-    (Ray workers and later commands run elsewhere)."""
-    uri = explicit or study_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
-    uri = uri or default_tracking_uri(root)
-    return check_tracking_uri(uri, root)
+    against the project root (Ray workers and later commands run elsewhere)."""
+    return check_tracking_uri(paths.resolve_tracking_uri(explicit or study_uri, root), root)
 
 
 def check_tracking_uri(uri: str, root: Path | None = None) -> str:
@@ -117,10 +103,7 @@ def check_tracking_uri(uri: str, root: Path | None = None) -> str:
             f"{default_tracking_uri(root)!r} (the default) or an MLflow server "
             "(http://HOST:PORT)"
         )
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        path = Path(uri[len("sqlite:///") :])
-        uri = f"sqlite:///{((root or project_root()) / path).resolve()}"
-    return uri
+    return paths.absolute_sqlite_uri(uri, root)
 
 
 def git_commit(root: Path | None = None) -> str:

@@ -29,7 +29,8 @@ class SyntheticConfig(_Strict):
 class DataConfig(_Strict):
     name: Literal["digits", "cifar10", "cifar100", "gaussian"] = "digits"
     root: str = Field(
-        "data", description="CIFAR root directory (a relative path: to the current directory)"
+        "data",
+        description="CIFAR root directory (a relative path: to the project root, samstudy.paths)",
     )
     download: bool = False
     augment: bool = Field(True, description="random crop (pad 4) and horizontal flip; CIFAR only")
@@ -44,7 +45,9 @@ class NoiseConfig(_Strict):
     kind: Literal["none", "symmetric", "asymmetric", "human"] = "none"
     rate: float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = Field(0, description="noise is drawn from its own seed, not the training seed")
-    label_file: str | None = Field(None, description="CIFAR-N labels (.pt or .npy) for kind=human")
+    label_file: str | None = Field(
+        None, description="CIFAR-N labels (.pt/.npy) for kind=human; relative: to the project root"
+    )
     label_key: str = Field("worse_label", description="key inside a CIFAR-N .pt file")
 
     @model_validator(mode="after")

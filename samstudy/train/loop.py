@@ -12,15 +12,15 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from samstudy.data import build_data
+from samstudy.data import build_data, resolve_device
 from samstudy.models import create_model
 from samstudy.optim import create_optimizer
+from samstudy.paths import absolute_path
 from samstudy.train.checkpoint import (
     CHECKPOINT_FORMAT,
     detached_copy,
@@ -40,16 +40,6 @@ EVAL_BATCH_SIZE = 512
 # Config fields that may differ between a checkpoint and the run resuming it: they do not change
 # the trajectory (threads, checkpoint cadence) or only say where to run it.
 RESUME_MAY_DIFFER = frozenset({"threads", "checkpoint_every", "device"})
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU; anything else is passed to torch."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def autocast_context(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
@@ -183,7 +173,7 @@ def run_trial(
     label_file = cfg.noise.label_file
     data = build_data(
         cfg.data.name,
-        root=str(Path(cfg.data.root).expanduser().resolve()),
+        root=str(absolute_path(cfg.data.root)),
         download=cfg.data.download,
         test_size=cfg.data.test_size,
         split_seed=cfg.data.split_seed,
@@ -191,7 +181,7 @@ def run_trial(
         noise_kind=cfg.noise.kind,
         noise_rate=cfg.noise.rate,
         noise_seed=cfg.noise.seed,
-        label_file=str(Path(label_file).expanduser().resolve()) if label_file else None,
+        label_file=str(absolute_path(label_file)) if label_file else None,
         label_key=cfg.noise.label_key,
         device=device,
     )

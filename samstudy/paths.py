@@ -1,0 +1,57 @@
+"""The one place that decides where samstudy's files live.
+
+Rule: every relative path samstudy reads from a config, a study file or the command line (a
+data root, a label file, Tune's storage path, a relative ``sqlite:///x.db`` tracking store, the
+results folder) is relative to the **project root**, never to the working directory. The project
+root is the checkout holding ``pyproject.toml`` next to the ``samstudy`` package (an editable
+install); for any other install it is the working directory. Ray workers run trials in their own
+folders, so this is what makes every process see the same files.
+
+Only the standard library is imported here: every package (``samstudy.train`` included) may use it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SQLITE_PREFIX = "sqlite:///"
+
+
+def project_root() -> Path:
+    """The samstudy checkout (the folder with ``pyproject.toml`` above the package), else the cwd."""
+    candidate = Path(__file__).resolve().parents[1]
+    return candidate if (candidate / "pyproject.toml").is_file() else Path.cwd().resolve()
+
+
+def absolute_path(path: str | os.PathLike[str], base: Path | None = None) -> Path:
+    """``path`` with ``~`` expanded; a relative one is taken from ``base`` (default: project root)."""
+    expanded = Path(path).expanduser()
+    if expanded.is_absolute():
+        return expanded
+    return ((base or project_root()) / expanded).resolve()
+
+
+def results_root() -> Path:
+    """``<project root>/results``: where exports (Parquet) and Tune's storage go by default."""
+    return project_root() / "results"
+
+
+def default_tracking_uri(root: Path | None = None) -> str:
+    """``sqlite:///<project root>/mlflow.db``: where studies log and ``samstudy ui`` looks."""
+    return f"{SQLITE_PREFIX}{(root or project_root()) / 'mlflow.db'}"
+
+
+def absolute_sqlite_uri(uri: str, root: Path | None = None) -> str:
+    """A relative ``sqlite:///x.db`` made absolute against the project root (or ``root``);
+    absolute sqlite URIs (``sqlite:////abs/x.db``) and every other URI are returned unchanged."""
+    if uri.startswith(SQLITE_PREFIX) and not uri.startswith(SQLITE_PREFIX + "/"):
+        return f"{SQLITE_PREFIX}{absolute_path(uri[len(SQLITE_PREFIX) :], root)}"
+    return uri
+
+
+def resolve_tracking_uri(explicit: str | None = None, root: Path | None = None) -> str:
+    """``explicit``, else ``$MLFLOW_TRACKING_URI``, else :func:`default_tracking_uri`; a relative
+    sqlite path is made absolute against the project root (:func:`absolute_sqlite_uri`)."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+    return absolute_sqlite_uri(uri, root)
