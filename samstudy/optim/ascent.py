@@ -1,0 +1,97 @@
+"""Ascent rules: the perturbation e at which the second gradient is evaluated.
+
+* ``sam``: e = rho * g / (||g|| + 1e-12)  (Foret et al.; the numbers of the popular port).
+* ``adaptive`` (ASAM, Kwon et al.): with T_w = |w| + eta, e = rho * T_w^2 g / (||T_w g|| + 1e-12).
+  eta = 0 (the default) is the popular port's ASAM, applied to every parameter.
+* ``clamp`` (the lab notes' CLAMPSAM): the ``sam`` ascent with every coordinate clipped to
+  [-tau, tau]; tau = clamp_rms * RMS(e) (RMS over all coordinates, RMS(e) = ||e|| / sqrt(N)) or
+  the clamp_quantile-quantile of |e| (exact, by k-th value). With clamp_renorm the clipped e is
+  scaled back to radius rho.
+
+rho may differ between parameter groups (as in the port): the norm is always global, the radius
+is each group's own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+ASCENTS = ("sam", "adaptive", "clamp")
+EPS = 1e-12  # the port's guard against a zero gradient
+
+
+@dataclass(frozen=True)
+class AscentConfig:
+    """Which ascent and its knobs (validated by the factory)."""
+
+    kind: str = "sam"
+    eta: float = 0.0
+    clamp_rms: float | None = None
+    clamp_quantile: float | None = None
+    clamp_renorm: bool = False
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2 norm over all tensors, computed like the port: norm of the per-tensor norms."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors))), 2)
+
+
+def _scaled(
+    tensors: Sequence[torch.Tensor], rhos: Sequence[float], norm: torch.Tensor
+) -> list[torch.Tensor]:
+    """tensors[i] * rhos[i] / (norm + EPS), one foreach call per distinct rho."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for rho in dict.fromkeys(rhos):
+        idx = [i for i, r in enumerate(rhos) if r == rho]
+        scale = rho / (norm + EPS)
+        for i, t in zip(idx, torch._foreach_mul([tensors[i] for i in idx], scale), strict=True):
+            out[i] = t
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def ascent(
+    cfg: AscentConfig,
+    grads: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    rhos: Sequence[float],
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Return (e per tensor, ||g|| when the rule computed it anyway, else None)."""
+    grads = list(grads)
+    if len(rhos) != len(grads) or len(weights) != len(grads):
+        raise ValueError("ascent: grads, weights and rhos need one entry per tensor")
+    if cfg.kind == "adaptive":
+        t = torch._foreach_abs(list(weights))
+        if cfg.eta:
+            torch._foreach_add_(t, cfg.eta)
+        norm = global_norm(torch._foreach_mul(t, grads))
+        # eta = 0 keeps the port's exact arithmetic: (w ** 2 * g) * scale.
+        t2 = torch._foreach_pow(list(weights), 2) if not cfg.eta else torch._foreach_mul(t, t)
+        torch._foreach_mul_(t2, grads)
+        return _scaled(t2, rhos, norm), None
+    gnorm = global_norm(grads)
+    e = _scaled(grads, rhos, gnorm)
+    if cfg.kind == "clamp":
+        tau = _clamp_threshold(cfg, e)
+        for t in e:
+            t.clamp_(min=-tau, max=tau)
+        if cfg.clamp_renorm:
+            e = _scaled(e, rhos, global_norm(e))
+    return e, gnorm
+
+
+def _clamp_threshold(cfg: AscentConfig, e: Sequence[torch.Tensor]) -> torch.Tensor:
+    n = sum(t.numel() for t in e)
+    if cfg.clamp_quantile is not None:
+        flat = torch.cat([t.reshape(-1) for t in e]).abs_()
+        k = min(n, max(1, math.ceil(cfg.clamp_quantile * n)))
+        return torch.kthvalue(flat, k).values
+    rms = global_norm(e) / math.sqrt(n)
+    return (cfg.clamp_rms if cfg.clamp_rms is not None else DEFAULT_CLAMP_RMS) * rms
+
+
+DEFAULT_CLAMP_RMS = 3.0

@@ -1,0 +1,403 @@
+"""The train-step protocol: one code path for every preset, ascent and second-gradient mode.
+
+``opt.train_step(model, loss_fn, inputs, targets) -> (loss, logits)`` performs a whole step:
+
+1. first forward/backward at w (BatchNorm updates its running statistics here only);
+2. the ascent e (``sam`` / ``adaptive`` / ``clamp``), w + e as fresh tensors (w is never touched);
+3. the second pass at w + e through ``torch.func.functional_call`` with BatchNorm running
+   statistics frozen, giving g_p by the ``second_grad`` mode:
+
+   * ``full``: g_p = grad L(w + e)  (SAM);
+   * ``jacobian`` (J-SAM): g_p = J(w + e)^T dL/dz(w): the loss-derivative factor of the first
+     pass, the network Jacobian at w + e (backward of the perturbed logits with
+     ``grad_outputs`` = dL/dz at w);
+   * ``logit`` (logit-SAM): g_p = J(w)^T dL/dz(w + e): the loss derivative at the perturbed
+     logits, pulled back through the graph of the first pass (kept alive for it);
+
+4. with ``m`` (m-sharpness), steps 1-3 run per micro-batch of m examples, each with its own e;
+   g and g_p are the size-weighted means over micro-batches (= whole-batch gradients);
+5. the combination rule d = a_k g_p + b_k g by region, the statistics, then the base optimizer
+   (SGD / AdamW) steps with d as the gradient, and the gradients are cleared.
+
+``loss_fn(logits, targets)`` must return the mean loss and (for ``jacobian`` / ``logit``) depend
+on the parameters only through the logits. The returned loss and logits are detached values of
+the first pass at w. Nothing in a step synchronises with the host.
+
+The ``sgd`` preset (``two_step = False``) runs one forward/backward and the base step; its
+``train_step`` has the same signature, so the trainer never branches.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from samstudy.optim.ascent import EPS, AscentConfig, ascent, global_norm
+from samstudy.optim.bn import running_stats_frozen
+from samstudy.optim.flat import FlatSpace
+from samstudy.optim.rules import Operand, RegionRule, Table, regions_from_thresholds
+from samstudy.optim.stats import STAT_KEYS, StepStats
+
+SECOND_GRADS = ("full", "jacobian", "logit")
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def normalize_params(params: Any) -> tuple[list[dict[str, Any]], dict[int, str]]:
+    """Param groups with plain tensors, and the names given as ``(name, tensor)`` pairs."""
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    items = list(params)
+    if not items:
+        raise ValueError("optimizer got an empty parameter list")
+    groups = [dict(g) for g in items] if isinstance(items[0], dict) else [{"params": items}]
+    names: dict[int, str] = {}
+    for group in groups:
+        ps = group["params"]
+        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        plain = []
+        for item in ps:
+            if isinstance(item, tuple):
+                name, item = item
+                names[id(item)] = str(name)
+            plain.append(item)
+        group["params"] = plain
+        group.pop("param_names", None)  # names live in the optimizer, not in the groups
+    return groups, names
+
+
+class SamOptimizer(torch.optim.Optimizer):
+    """A SAM-family optimizer around a base torch optimizer (built by ``create_optimizer``).
+
+    ``param_groups`` are the base optimizer's own dicts, so LR schedulers, ``state_dict`` and
+    checkpoints behave as with the base optimizer.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        base_cls: type[torch.optim.Optimizer],
+        base_kwargs: dict[str, Any],
+        *,
+        name: str,
+        table: Table,
+        rho: float,
+        ascent_cfg: AscentConfig,
+        m: int | None,
+        second_grad: str,
+        stats: bool,
+        stats_every: int,
+        compile: bool,
+    ) -> None:
+        groups, self._given_names = normalize_params(params)
+        super().__init__(groups, {"rho": rho})
+        self.base_optimizer = base_cls(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self.name = name
+        self.two_step = name != "sgd"
+        self.rule = RegionRule(table, compile=compile)
+        self.ascent_cfg = ascent_cfg
+        self.m = m
+        self.second_grad = second_grad
+        self.stats_enabled = stats
+        self.stats_every = stats_every
+        # Gather g and g_p into flat buffers before the rule (None: on GPUs only, see rules)
+        self.flat_sources: bool | None = None
+        self._steps = 0
+        self._layout_key: tuple[int, ...] | None = None
+        self._spaces: list[_Part] = []
+        self._stats: StepStats | None = None
+        self._module_names: tuple[Any, tuple[int, ...], list[str]] | None = None
+
+    # -- torch.optim.Optimizer plumbing -----------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """During construction: our groups; afterwards: the base optimizer's (shared) groups."""
+        if "base_optimizer" in self.__dict__:
+            self.base_optimizer.add_param_group(param_group)
+            self.param_groups = self.base_optimizer.param_groups
+        else:
+            super().add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict (momentum buffers, ...) plus our step counter."""
+        sd = self.base_optimizer.state_dict()
+        sd["samstudy"] = {"steps": self._steps}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        state_dict = dict(state_dict)
+        ours = state_dict.pop("samstudy", {})
+        self.base_optimizer.load_state_dict(state_dict)
+        # Loading replaces the base optimizer's group dicts: share the new ones again.
+        self.param_groups = self.base_optimizer.param_groups
+        self._steps = int(ours.get("steps", 0))
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One-pass presets: the base optimizer's step. Two-step presets need :meth:`train_step`."""
+        if self.two_step:
+            raise RuntimeError(
+                f"the {self.name!r} optimizer needs the model and the batch: call "
+                "opt.train_step(model, loss_fn, inputs, targets) instead of opt.step()"
+            )
+        return self.base_optimizer.step(closure)
+
+    # -- statistics -------------------------------------------------------------------------
+
+    def read_stats(self, reset: bool = True) -> dict[str, float]:
+        """Means since the last reset of every key in ``STAT_KEYS`` (NaN = not measured)."""
+        if self._stats is None:
+            return {k: float("nan") for k in STAT_KEYS}
+        return self._stats.read(reset)
+
+    def read_param_stats(self, reset: bool = True) -> dict[str, dict[str, float]]:
+        """Per parameter tensor: ``{name: {region: share}}`` since the last reset."""
+        if self._stats is None:
+            return {}
+        return self._stats.read_params(self._stat_names(), reset)
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def train_step(
+        self, model: torch.nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a batch; returns the detached first-pass (loss, logits)."""
+        self._opt_called = True  # this is our step(): LR schedulers check the flag
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        self._ensure_layout(params)
+        if not self.two_step:
+            loss, logits = self._one_pass(model, loss_fn, inputs, targets, params)
+        else:
+            loss, logits = self._two_step(model, loss_fn, inputs, targets, params)
+        self._steps += 1
+        return loss, logits
+
+    def _one_pass(self, model, loss_fn, inputs, targets, params):
+        logits = model(inputs)
+        loss = loss_fn(logits, targets)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            if self._stats is not None:
+                used = [g for g in grads if g is not None]
+                if used:
+                    self._stats.add_grad_norm(global_norm(used))
+        self.base_optimizer.step()
+        self.zero_grad(set_to_none=True)
+        return loss.detach(), logits.detach()
+
+    def _two_step(self, model, loss_fn, inputs, targets, params):
+        names = self._names_in(model, params)
+        rho_of = {
+            id(p): g.get("rho", self.defaults["rho"])
+            for g in self.param_groups
+            for p in g["params"]
+        }
+        rhos = [float(rho_of[id(p)]) for p in params]
+        n = inputs.shape[0]
+        if self.m is None or self.m >= n:
+            chunks = [(inputs, targets)]
+        else:
+            chunks = list(zip(inputs.split(self.m), targets.split(self.m), strict=True))
+        g_acc: list[torch.Tensor] = []
+        gp_acc: list[torch.Tensor] = []
+        used = [False] * len(params)
+        losses, logits_all, enorms = [], [], []
+        gnorm = None
+        for x, t in chunks:
+            logits, loss, g, gp, e, gnorm, chunk_used = self._passes(
+                model, loss_fn, x, t, params, names, rhos
+            )
+            used = [a or b for a, b in zip(used, chunk_used, strict=True)]
+            losses.append(loss)
+            logits_all.append(logits)
+            if self._stats is not None:
+                enorms.append(self._ascent_norm(e, gnorm, rhos))
+            with torch.no_grad():
+                if len(chunks) == 1:
+                    g_acc, gp_acc = g, gp
+                else:
+                    w = x.shape[0] / n  # chunk losses are means: weight by chunk size
+                    if not g_acc:
+                        g_acc, gp_acc = torch._foreach_mul(g, w), torch._foreach_mul(gp, w)
+                    else:
+                        torch._foreach_add_(g_acc, g, alpha=w)
+                        torch._foreach_add_(gp_acc, gp, alpha=w)
+        if len(chunks) > 1:
+            gnorm = None  # the ascent's norm was a micro-batch's, not the step's
+        with torch.no_grad():
+            d = self._combine_and_measure(g_acc, gp_acc, used, gnorm, enorms)
+            for p, dp, u in zip(params, d, used, strict=True):
+                p.grad = dp if u else None
+        self.base_optimizer.step()
+        self.zero_grad(set_to_none=True)
+        if len(chunks) == 1:
+            return losses[0], logits_all[0]
+        weights = [x.shape[0] / n for x, _ in chunks]
+        loss = sum(w * v for w, v in zip(weights, losses, strict=True))
+        return loss, torch.cat(logits_all)
+
+    def _passes(self, model, loss_fn, x, t, params, names, rhos):
+        """First pass at w, ascent, second pass at w + e for one (micro-)batch."""
+        mode = self.second_grad
+        logits = model(x)
+        loss = loss_fn(logits, t)
+        if mode == "jacobian":
+            *g, delta = torch.autograd.grad(loss, [*params, logits], allow_unused=True)
+        else:
+            g = list(
+                torch.autograd.grad(loss, params, allow_unused=True, retain_graph=mode == "logit")
+            )
+        used = [gi is not None for gi in g]
+        with torch.no_grad():
+            g = [
+                gi if gi is not None else torch.zeros_like(p)
+                for gi, p in zip(g, params, strict=True)
+            ]
+            w = [p.detach() for p in params]
+            e, gnorm = ascent(self.ascent_cfg, g, w, rhos)
+            wp = torch._foreach_add(w, e)
+        if mode == "logit":
+            with torch.no_grad(), running_stats_frozen(model):
+                zp = functional_call(model, dict(zip(names, wp, strict=True)), (x,))
+            zp = zp.detach().requires_grad_()
+            with torch.enable_grad():
+                (delta_p,) = torch.autograd.grad(loss_fn(zp, t), zp)
+            gp = torch.autograd.grad(logits, params, grad_outputs=delta_p, allow_unused=True)
+        else:
+            for leaf in wp:
+                leaf.requires_grad_()
+            with running_stats_frozen(model):
+                zp = functional_call(model, dict(zip(names, wp, strict=True)), (x,))
+                if mode == "full":
+                    gp = torch.autograd.grad(loss_fn(zp, t), wp, allow_unused=True)
+                else:
+                    gp = torch.autograd.grad(zp, wp, grad_outputs=delta, allow_unused=True)
+        gp = [
+            gi if gi is not None else torch.zeros_like(p) for gi, p in zip(gp, params, strict=True)
+        ]
+        return logits.detach(), loss.detach(), g, gp, e, gnorm, used
+
+    def _ascent_norm(self, e, gnorm, rhos) -> torch.Tensor:
+        if self.ascent_cfg.kind == "sam" and gnorm is not None and len(set(rhos)) == 1:
+            return rhos[0] * gnorm / (gnorm + EPS)  # ||e|| in closed form: saves a pass
+        return global_norm(e)
+
+    def _combine_and_measure(self, g, gp, used, gnorm, enorms) -> list[torch.Tensor]:
+        """d per parameter (views of a flat buffer, or g_p itself for ``sam``) and statistics."""
+        stats = self._stats
+        count = stats is not None and self._steps % self.stats_every == 0
+        d: list[torch.Tensor] = list(gp)
+        dot = None
+        regions = []
+        for part in self._spaces:
+            if self.rule.identity and not count:
+                continue  # plain SAM: d = g_p, the rule is skipped entirely
+            G: Operand = [g[i] for i in part.idx]
+            P: Operand = [gp[i] for i in part.idx]
+            flat = self.flat_sources
+            if flat is None:
+                flat = part.space.device.type != "cpu"
+            if flat and not self.rule.compile:
+                # one multi-tensor copy each beats a launch per tensor and pass on a GPU
+                G, P = part.space.gather("G", G), part.space.gather("P", P)
+                if stats is not None:
+                    dot = torch.dot(G, P) if dot is None else dot + torch.dot(G, P)
+            D, thresholds = self.rule.combine(part.space, G, P, counts=count)
+            if D is not None:
+                for i, view in zip(part.idx, part.space.views("D"), strict=True):
+                    d[i] = view
+            if thresholds is not None:
+                regions.append((part, regions_from_thresholds(thresholds, part.numels)))
+        if stats is not None:
+            if dot is None:
+                dot = sum(
+                    torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(g, gp, strict=True)
+                )
+            gn = gnorm if gnorm is not None else global_norm(g)
+            en = torch.stack(enorms).mean() if len(enorms) > 1 else enorms[0]
+            stats.add_two_step(gn, global_norm(gp), en, dot)
+            if count:
+                stats.add_regions(self._gather_regions(regions, used))
+        return d
+
+    # -- layout and names -------------------------------------------------------------------
+
+    def _ensure_layout(self, params: list[torch.Tensor]) -> None:
+        key = tuple(id(p) for p in params)
+        if key == self._layout_key:
+            return
+        self._layout_key = key
+        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(params):
+            by_kind.setdefault((p.device, p.dtype), []).append(i)
+        self._params = params
+        self._stats = StepStats(len(params), params[0].device) if self.stats_enabled else None
+        self._spaces = []
+        for (device, dtype), idx in by_kind.items():
+            space = FlatSpace([params[i].shape for i in idx], device, dtype)
+            self._spaces.append(_Part(idx, space, self._stats))
+        self._unused_masks: dict[tuple[bool, ...], torch.Tensor] = {}
+
+    def _gather_regions(self, parts, used: list[bool]) -> torch.Tensor:
+        """One [T, 5] count matrix from the spaces' parts; unused tensors count nothing."""
+        if len(parts) == 1 and len(parts[0][0].idx) == len(used):
+            full = parts[0][1]
+        else:
+            full = torch.zeros(len(used), 5, dtype=torch.int64, device=self._stats.device)
+            for part, counts in parts:
+                full.index_copy_(0, part.stat_index, counts.to(full.device))
+        if not all(used):
+            key = tuple(used)
+            mask = self._unused_masks.get(key)
+            if mask is None:  # built once per pattern: a host-to-device copy syncs
+                mask = torch.tensor(key, dtype=torch.int64, device=full.device)[:, None]
+                self._unused_masks[key] = mask
+            full = full * mask
+        return full
+
+    def _names_in(self, model: torch.nn.Module, params: list[torch.Tensor]) -> list[str]:
+        """The model's attribute names of ``params`` (functional_call addresses them by name)."""
+        key = tuple(id(p) for p in params)
+        cached = self._module_names
+        if cached is not None and cached[0]() is model and cached[1] == key:
+            return cached[2]
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        missing = [i for i, p in enumerate(params) if id(p) not in by_id]
+        if missing:
+            raise ValueError(
+                f"train_step: {len(missing)} optimizer parameter(s) are not parameters of the "
+                "model passed in (the second pass must substitute every one of them)"
+            )
+        names = [by_id[id(p)] for p in params]
+        self._module_names = (weakref.ref(model), key, names)
+        return names
+
+    def _stat_names(self) -> list[str]:
+        params = getattr(self, "_params", [])
+        module = self._module_names[2] if self._module_names is not None else None
+        names = []
+        for i, p in enumerate(params):
+            name = self._given_names.get(id(p))
+            if name is None:
+                name = module[i] if module is not None and i < len(module) else f"param{i}"
+            names.append(name)
+        return names
+
+
+class _Part:
+    """The parameters of one (device, dtype): their flat space and index tensors (built once)."""
+
+    def __init__(self, idx: list[int], space: FlatSpace, stats: StepStats | None) -> None:
+        self.idx = idx
+        self.space = space
+        self.numels = torch.tensor(space.numels, dtype=torch.int64, device=space.device)
+        device = stats.device if stats is not None else space.device
+        self.stat_index = torch.tensor(idx, dtype=torch.int64, device=device)

@@ -1,0 +1,248 @@
+"""Combination rules: preset tables, d = a_k g_p + b_k g on boundaries, regions and counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from samstudy.optim import PRESETS, REGION_KEYS, RegionRule, preset_table, region_index
+from samstudy.optim.flat import FlatSpace
+from samstudy.optim.rules import regions_from_thresholds
+
+# The design table, written out independently of the implementation.
+EXPECTED = {
+    "sgd": [(0, 1)] * 4,
+    "sam": [(1, 0)] * 4,
+    "sam_magnitude_sgd_sign": [(1, 0), (1, 0), (-1, 0), (-1, 0)],
+    "sgd_magnitude_sam_sign": [(0, 1), (0, 1), (0, -1), (0, -1)],
+    "sam_where_agree": [(1, 0), (1, 0), (0, 0), (0, 0)],
+    "sgd_where_agree": [(0, 1), (0, 1), (0, 0), (0, 0)],
+}
+
+KNOBBED = {
+    ("same", "scales"): ([2.0, 0.0, 0.0, 0.0], [(3, 0), (1, 0), (1, 0), (1, 0)]),
+    ("custom_same", "scales"): ([0.5, 0.0, -0.25, 1.0], [(1.5, 0), (1, 0), (0.75, 0), (2, 0)]),
+    ("saner", "alpha"): (0.3, [(1, 0), (0.3, 0), (1, 0), (1, 0)]),
+    ("sgd_on_region", "region"): (3, [(1, 0), (1, 0), (0, 1), (1, 0)]),
+    ("table", "coefficients"): (
+        [[1, 2], [3, 4], [5, 6], [7, 8]],
+        [(1, 2), (3, 4), (5, 6), (7, 8)],
+    ),
+}
+
+# Rule-exercising tables: every preset with a non-trivial table, plus a dense one.
+TABLES = {
+    **{name: tuple(map(tuple, rows)) for name, rows in EXPECTED.items()},
+    **{name: tuple(map(tuple, rows)) for (name, _), (_, rows) in KNOBBED.items()},
+    "dense": ((1.0, 0.5), (2.0, 1.0), (0.5, -1.0), (-1.0, 2.0)),
+}
+
+
+def ref_region(g: float, gp: float) -> str:
+    """design.md's table, literally."""
+    if g == 0:
+        return "zero"
+    same = (g > 0 and gp > 0) or (g < 0 and gp < 0)
+    big = abs(gp) >= abs(g)
+    if same:
+        return "ckpt1" if big else "ckpt2"
+    return "ckpt3" if big else "ckpt4"
+
+
+def ref_direction(table, g: float, gp: float) -> float:
+    region = ref_region(g, gp)
+    if region == "zero":
+        return gp
+    a, b = table[int(region[-1]) - 1]
+    return a * gp + b * g
+
+
+def run_rule(table, g: torch.Tensor, gp: torch.Tensor, compile: bool = False, flat: bool = True):
+    """Apply RegionRule on two fake parameter tensors covering g / gp; return (d, counts).
+
+    ``flat``: pass gathered flat buffers (the GPU path) or per-tensor lists (the CPU path)."""
+    n = g.numel()
+    shapes = [torch.Size([n // 2]), torch.Size([n - n // 2])]
+    space = FlatSpace(shapes, g.device, g.dtype)
+    G = [g[: n // 2], g[n // 2 :]]
+    P = [gp[: n // 2], gp[n // 2 :]]
+    if flat:
+        G, P = space.gather("G", G), space.gather("P", P)
+    rule = RegionRule(table, compile=compile)
+    D, thresholds = rule.combine(space, G, P, counts=True)
+    numels = torch.tensor(space.numels)
+    counts = regions_from_thresholds(thresholds, numels)
+    if D is None:
+        return gp.clone(), counts
+    return torch.cat([v.reshape(-1) for v in space.views("D")]), counts
+
+
+def boundary_pairs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Every boundary of the region table, both signs, zeros of both signs, subnormals."""
+    tiny = 1e-42  # subnormal in float32
+    rows = []
+    for s in (1.0, -1.0):
+        g = 2.0 * s
+        rows += [
+            (g, g),  # |g_p| = |g|, same sign -> ckpt1
+            (g, -g),  # |g_p| = |g|, opposite -> ckpt3
+            (g, 0.0),  # g_p = 0 -> ckpt4
+            (g, -0.0),  # g_p = -0 -> ckpt4
+            (g, 3 * g),  # ckpt1
+            (g, 0.5 * g),  # ckpt2
+            (g, -3 * g),  # ckpt3
+            (g, -0.5 * g),  # ckpt4
+            (tiny * s, tiny * s),  # subnormal, equal -> ckpt1
+            (tiny * s, -tiny * s),  # ckpt3
+            (g, tiny * s),  # ckpt2
+            (g, -tiny * s),  # ckpt4
+        ]
+    rows += [(0.0, 1.5), (0.0, -1.5), (-0.0, 2.0), (0.0, 0.0), (-0.0, -0.0), (0.0, tiny)]
+    g, gp = zip(*rows, strict=True)
+    return torch.tensor(g, dtype=torch.float32), torch.tensor(gp, dtype=torch.float32)
+
+
+def assert_direction(table, g, gp, d):
+    for gi, pi, di in zip(g.tolist(), gp.tolist(), d.tolist(), strict=True):
+        want = ref_direction(table, gi, pi)
+        scale = max(abs(pi), abs(gi)) * (2 + max(abs(v) for row in table for v in row))
+        tol = 4 * 2.0**-24 * scale + 1e-44
+        assert abs(di - want) <= tol, (ref_region(gi, pi), gi, pi, di, want)
+
+
+def test_preset_tables_match_design():
+    for name, rows in EXPECTED.items():
+        assert preset_table(name) == tuple((float(a), float(b)) for a, b in rows), name
+    for (name, knob), (value, rows) in KNOBBED.items():
+        got = preset_table(name, **{knob: value})
+        assert got == tuple((float(a), float(b)) for a, b in rows), name
+    assert set(PRESETS) == set(EXPECTED) | {name for name, _ in KNOBBED}
+
+
+def test_sgd_on_region_puts_sgd_only_on_its_region():
+    for k in range(1, 5):
+        table = preset_table("sgd_on_region", region=k)
+        assert [row == (0.0, 1.0) for row in table] == [i == k for i in range(1, 5)]
+
+
+@pytest.mark.parametrize("flat", [True, False])
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_each_table_gives_its_direction_on_boundaries(name, flat):
+    g, gp = boundary_pairs()
+    d, counts = run_rule(TABLES[name], g, gp, flat=flat)
+    assert_direction(TABLES[name], g, gp, d)
+    direct = [0] * 5
+    for a, b in zip(g.tolist(), gp.tolist(), strict=True):
+        direct[REGION_KEYS.index(ref_region(a, b))] += 1
+    assert counts.sum(0).tolist() == direct
+
+
+def test_exact_presets_are_bitwise_exact_on_boundaries():
+    g, gp = boundary_pairs()
+    for name in ("sam_magnitude_sgd_sign", "sgd_magnitude_sam_sign", "sgd_where_agree"):
+        d, _ = run_rule(TABLES[name], g, gp)
+        want = torch.tensor([ref_direction(TABLES[name], a, b) for a, b in zip(g, gp, strict=True)])
+        assert torch.equal(d, want), name
+
+
+def test_region_index_on_boundaries():
+    g, gp = boundary_pairs()
+    idx = region_index(g, gp).tolist()
+    names = ["zero", "ckpt1", "ckpt2", "ckpt3", "ckpt4"]
+    assert [names[i] for i in idx] == [ref_region(a, b) for a, b in zip(g, gp, strict=True)]
+
+
+def test_identity_rule_skips_the_direction():
+    rule = RegionRule(preset_table("sam"))
+    assert rule.identity
+    space = FlatSpace([torch.Size([3])], torch.device("cpu"), torch.float32)
+    G = space.gather("G", [torch.ones(3)])
+    P = space.gather("P", [torch.ones(3)])
+    assert rule.combine(space, G, P, counts=False) == (None, None)
+
+
+finite32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
+
+
+@st.composite
+def grad_pairs(draw):
+    """(g, g_p) lists that hit boundaries often: g_p related to g, zeros, or anything."""
+    n = draw(st.integers(2, 40))
+    g, gp = [], []
+    for _ in range(n):
+        gi = draw(st.one_of(finite32, st.sampled_from([0.0, -0.0])))
+        kind = draw(st.sampled_from(["eq", "neg", "zero", "half", "double", "free"]))
+        pi = {
+            "eq": gi,
+            "neg": -gi,
+            "zero": 0.0,
+            "half": gi / 2,
+            "double": gi * 2 if abs(gi) < 1e38 else gi,
+            "free": draw(finite32),
+        }[kind]
+        g.append(gi)
+        gp.append(pi)
+    return torch.tensor(g, dtype=torch.float32), torch.tensor(gp, dtype=torch.float32)
+
+
+@settings(max_examples=150, deadline=None)
+@given(grad_pairs())
+def test_regions_partition_and_counts_equal_a_direct_count(pair):
+    g, gp = pair
+    idx = region_index(g, gp)
+    # a partition: every coordinate in exactly one region, and it is the reference region
+    names = ["zero", "ckpt1", "ckpt2", "ckpt3", "ckpt4"]
+    assert [names[i] for i in idx.tolist()] == [
+        ref_region(a, b) for a, b in zip(g.tolist(), gp.tolist(), strict=True)
+    ]
+    _, counts = run_rule(TABLES["dense"], g, gp, flat=g.numel() % 2 == 0)
+    direct = {k: 0 for k in REGION_KEYS}
+    for a, b in zip(g.tolist(), gp.tolist(), strict=True):
+        direct[ref_region(a, b)] += 1
+    assert counts.sum(0).tolist() == [direct[k] for k in REGION_KEYS]
+    assert counts.sum().item() == g.numel()
+
+
+@settings(max_examples=100, deadline=None)
+@given(grad_pairs(), st.sampled_from(sorted(TABLES)))
+def test_direction_property(pair, name):
+    g, gp = pair
+    # keep products finite: the property is about regions, not overflow
+    g, gp = g.clamp(-1e30, 1e30), gp.clamp(-1e30, 1e30)
+    d, _ = run_rule(TABLES[name], g, gp, flat=g.numel() % 2 == 1)
+    assert_direction(TABLES[name], g, gp, d)
+
+
+def test_counts_per_tensor_follow_the_segments():
+    g = torch.tensor([1.0, 1.0, 1.0, 0.0, -1.0, -1.0])
+    gp = torch.tensor([2.0, 0.5, -2.0, 1.0, -0.5, 0.0])
+    _, counts = run_rule(TABLES["dense"], g, gp)
+    # first tensor: ckpt1, ckpt2, ckpt3; second: zero, ckpt2, ckpt4
+    assert counts.tolist() == [[1, 1, 1, 0, 0], [0, 1, 0, 1, 1]]
+
+
+@pytest.mark.slow
+def test_compiled_rule_matches_eager():
+    g, gp = boundary_pairs()
+    gen = torch.Generator().manual_seed(0)
+    g = torch.cat([g, torch.randn(1000, generator=gen)])
+    gp = torch.cat([gp, torch.randn(1000, generator=gen)])
+    table = TABLES["dense"]
+    d_eager, c_eager = run_rule(table, g, gp)
+    d_comp, c_comp = run_rule(table, g, gp, compile=True)
+    assert torch.equal(c_eager, c_comp)
+    assert_direction(table, g, gp, d_comp)
+    torch.testing.assert_close(d_comp, d_eager)
+
+
+def test_nan_free_on_zero_gradients():
+    g = torch.zeros(4)
+    gp = torch.tensor([1.0, -1.0, 0.0, 2.0])
+    d, counts = run_rule(TABLES["dense"], g, gp)
+    assert torch.equal(d, gp)
+    assert counts.sum(0).tolist() == [0, 0, 0, 0, 4]
+    assert not math.isnan(d.sum().item())
