@@ -7,6 +7,7 @@ real ``mlflow server`` that the test stops and restarts in the middle of a study
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
 from ray import tune  # noqa: E402
 
-from samstudy.study.runner import run_study  # noqa: E402
+from samstudy.study.runner import REPORT_CLOCK, TRIAL_CLOCK, run_study  # noqa: E402
 from samstudy.study.spec import StudySpec, study_from_mapping  # noqa: E402
 
 BASE = {
@@ -115,6 +116,20 @@ def test_grid_study_end_to_end_with_diverged_trial_then_complete(
             assert steps(uri, run.info.run_id) == [1, 2, 3]
             assert steps(uri, run.info.run_id, "test_acc") == [1, 2, 3]
     assert "completed" in out.getvalue() and "diverged" in out.getvalue()
+    assert not any(k.startswith("_") for r in runs for k in r.data.metrics)  # worker clocks
+
+    # Tune keeps only its JSON log (read by reconcile): no CSV / TensorBoard files per trial,
+    # and every result carries the worker-side clocks, the time in tune.report within the total.
+    trial_dirs = [d for d in (tmp_path / "ray" / "e2e").iterdir() if d.is_dir()]
+    assert len(trial_dirs) == 4
+    for folder in trial_dirs:
+        assert not list(folder.glob("progress.csv")) and not list(folder.glob("events.out*"))
+        lines = (folder / "result.json").read_text().splitlines()
+        results = [json.loads(line) for line in lines]
+        assert results
+        clocks = [(r[TRIAL_CLOCK], r[REPORT_CLOCK]) for r in results]
+        assert all(0 <= in_report < total for total, in_report in clocks), clocks
+        assert [c[0] for c in clocks] == sorted(c[0] for c in clocks)
 
     # Running a complete study again starts nothing and adds no runs.
     again = io.StringIO()

@@ -23,6 +23,7 @@ hook to the callbacks of the *current* ``run_study`` call (``_ACTIVE``), never s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -32,19 +33,19 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from ray.tune import Callback
 
+from samstudy.paths import absolute_path, project_root
 from samstudy.study.spec import StudySpec, TrialSpec
 from samstudy.study.tracking import (
     NODE_TAG,
     TERMINAL_STATUSES,
     StudyTracker,
-    project_root,
     resolve_tracking_uri,
 )
 
@@ -54,6 +55,9 @@ CHECKPOINT_FILE = "trial.pt"
 STATE_FILE = "samstudy_state.json"
 SPOOL_FILE = "samstudy_mlflow_spool.json"
 SHARED_STORAGE_ENV = "SAMSTUDY_SHARED_STORAGE"
+# Worker-side clocks in every Tune result (see `trainable`); `_` keeps them out of MLflow.
+TRIAL_CLOCK = "_trial_wall_s"
+REPORT_CLOCK = "_in_report_s"
 # Outcomes that count as done: a rerun does not start these trials again.
 DONE_STATUSES = ("completed", "diverged", "stopped")
 
@@ -95,13 +99,11 @@ def is_uri(path: str) -> bool:
 
 def resolve_storage_path(path: str | None, root: Path | None = None) -> str:
     """Absolute storage path (Tune requires it): relative paths are taken from the project."""
-    root = root or project_root()
     if path is None:
-        return str(root / "results" / "ray")
+        return str((root or project_root()) / "results" / "ray")
     if is_uri(path):
         return path.rstrip("/")
-    resolved = Path(path).expanduser()
-    return str(resolved if resolved.is_absolute() else (root / resolved).resolve())
+    return str(absolute_path(path, root))
 
 
 def absolute_paths(config: Mapping[str, Any], root: Path) -> dict[str, Any]:
@@ -109,16 +111,11 @@ def absolute_paths(config: Mapping[str, Any], root: Path) -> dict[str, Any]:
     out = copy.deepcopy(dict(config))
     data = out.get("data")
     if isinstance(data, dict) and isinstance(data.get("root"), str):
-        data["root"] = _absolute(data["root"], root)
+        data["root"] = str(absolute_path(data["root"], root))
     noise = out.get("noise")
     if isinstance(noise, dict) and isinstance(noise.get("label_file"), str):
-        noise["label_file"] = _absolute(noise["label_file"], root)
+        noise["label_file"] = str(absolute_path(noise["label_file"], root))
     return out
-
-
-def _absolute(path: str, root: Path) -> str:
-    expanded = Path(path).expanduser()
-    return str(expanded if expanded.is_absolute() else (root / expanded).resolve())
 
 
 def _join(base: str, name: str) -> str:
@@ -179,7 +176,13 @@ def trainable(
     ``config`` is ``{"trial": TrialSpec-as-dict}`` (grid) or ``{"overrides": {...}}`` (search,
     built into a trial with ``study.trial_from_overrides``; ``root`` is the driver's project
     folder, against which relative data paths are resolved).
+
+    Every result carries two worker-side clocks (left out of MLflow by their ``_`` prefix):
+    ``TRIAL_CLOCK`` (seconds since this call started, imports included) and ``REPORT_CLOCK``
+    (seconds spent inside earlier ``tune.report`` calls: persisting checkpoints and waiting for
+    Tune's driver). Their difference at the last result is the trial's own time.
     """
+    started = time.perf_counter()
     import ray
     import torch
     from ray import tune
@@ -197,17 +200,25 @@ def trainable(
             resume = torch.load(
                 Path(folder) / CHECKPOINT_FILE, weights_only=True, map_location="cpu"
             )
+    in_report = 0.0
 
     def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        metrics = {**metrics, "node_id": node_id}
+        nonlocal in_report
+        metrics = {**metrics, "node_id": node_id, REPORT_CLOCK: in_report}
         if state is None:
+            metrics[TRIAL_CLOCK] = time.perf_counter() - started
+            begin = time.perf_counter()
             tune.report(metrics)
+            in_report += time.perf_counter() - begin
             return
         # Tune copies the folder into the experiment storage inside report(), so a temporary
         # folder is enough.
         with tempfile.TemporaryDirectory(prefix="samstudy-ckpt-") as folder:
             torch.save(state, Path(folder) / CHECKPOINT_FILE)
+            metrics[TRIAL_CLOCK] = time.perf_counter() - started
+            begin = time.perf_counter()
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            in_report += time.perf_counter() - begin
 
     run_trial(trial["config"], report, resume=resume)
 
@@ -665,6 +676,7 @@ def run_study(
     # no deleted checkpoint is referenced); that is intended, its warning about it is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     out = out or sys.stdout
     root = root or project_root()
@@ -768,13 +780,14 @@ def run_study(
                         storage_path=storage,
                         failure_config=tune.FailureConfig(max_failures=max_failures),
                         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                        callbacks=[_Dispatch()],
+                        callbacks=[_Dispatch(), JsonLoggerCallback()],
                         verbose=0,
                     ),
                 )
             _ACTIVE[:] = active
             try:
-                tuner.fit()
+                with _tune_env(_tune_switches(restoring)):
+                    tuner.fit()
             finally:
                 _ACTIVE.clear()
             status = _outcome(study, [t.trial_id for t in trials], state)
@@ -795,6 +808,32 @@ def run_study(
             ray.shutdown()
     result.wall_s = time.monotonic() - started
     return result
+
+
+def _tune_switches(restoring: bool) -> dict[str, str]:
+    """Tune's environment switches that cut its per-result driver work for this study.
+
+    No CSV and TensorBoard loggers (driver CPU and an fsync per result, read by nothing here);
+    the JSON one, whose ``result.json`` :func:`reconcile` reads, is in the run config. A
+    restored experiment brings its own pickled callbacks, so it keeps Tune's defaults.
+    """
+    switches: dict[str, str] = {}
+    if not restoring:
+        switches["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    return switches
+
+
+@contextlib.contextmanager
+def _tune_env(switches: Mapping[str, str]) -> Iterator[None]:
+    """Set ``switches`` in the environment for one ``fit`` (values the user set win)."""
+    added = [key for key in switches if key not in os.environ]
+    for key in added:
+        os.environ[key] = switches[key]
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def _prepare_state(
