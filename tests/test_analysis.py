@@ -29,6 +29,7 @@ from samstudy.analysis import (
     stage_values,
     verdict,
     verdict_table,
+    verdicts,
 )
 from samstudy.analysis.schema import RUNS_FIXED_FIELDS, exported_studies, partition_dir
 from samstudy.analysis.stats import t_quantile, welch_interval
@@ -538,3 +539,35 @@ def test_lab_notes_column_marks_samecheckpoint_variants(study) -> None:
     # our designed ckpt2 agrees with the notebook in both stages
     row = table.loc["same[0,1,0,0]-rho0.05"]
     assert (row["early"], row["late"]) == (row["lab notes: early"], row["lab notes: late"])
+
+
+
+def test_negligible_difference_is_flat_whatever_its_interval(tmp_path: Path) -> None:
+    """A razor-thin interval around a tiny mean earns no verdict; a real difference still does."""
+    from mlflow import MlflowClient
+
+    from samstudy.analysis.export import export_study
+
+    shifts = {"sam": (0.0, 0.0), "ckpt1": (0.001, 0.001), "ckpt2": (0.0, 0.03)}
+    trials = []
+    for variant, (train_shift, test_shift) in shifts.items():
+        for seed in (0, 1):  # the same shift in both seeds: a zero-width paired interval
+            curves = {
+                "train_acc": [0.5 + 0.05 * e + 0.01 * seed + train_shift for e in range(EPOCHS)],
+                "test_acc": [0.4 + 0.05 * e + 0.01 * seed + test_shift for e in range(EPOCHS)],
+            }
+            trials.append(TrialData(name(variant, 0.05, seed), config(variant, 0.05, seed), curves))
+    uri = sqlite_store(tmp_path / "mlflow.db")
+    log_study(MlflowClient(tracking_uri=uri), "tiny", trials)
+    export_study("tiny", uri, root=tmp_path / "results")
+    tiny = load_study("tiny", tmp_path / "results")
+    labels = {v: name(v, 0.05, 0).rsplit("-s", 1)[0] for v in shifts}
+
+    def verdicts_of(min_effect: float) -> dict[str, set[str]]:
+        table = verdicts.verdict_table(tiny, min_effect=min_effect)
+        return {v: set(table.loc[table["variant"] == labels[v], "verdict"]) for v in shifts}
+
+    default = verdicts_of(verdicts.DEFAULT_MIN_EFFECT)
+    assert default["ckpt1"] == {"no clear difference"}
+    assert default["ckpt2"] == {"learns useful patterns"}
+    assert "no clear difference" not in verdicts_of(0.0)["ckpt1"]

@@ -134,6 +134,12 @@ def report_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
     parser.add_argument("--best-by", default="test_acc", help="metric for early stopping")
+    parser.add_argument(
+        "--min-effect",
+        type=float,
+        default=0.005,
+        help="smallest accuracy difference that counts as up/down (default 0.005)",
+    )
     args = parser.parse_args(argv)
 
     from samstudy.analysis.report import build_report
@@ -147,6 +153,7 @@ def report_main(argv: list[str] | None = None) -> int:
             stages=args.stages,
             level=args.level,
             best_by=args.best_by,
+            min_effect=args.min_effect,
         )
     except (FileNotFoundError, ValueError) as error:
         print(f"samstudy report: {error}", file=sys.stderr)

@@ -229,6 +229,7 @@ def build_report(
     level: float = 0.95,
     best_by: str = "test_acc",
     max_heatmaps: int = 3,
+    min_effect: float = verdicts.DEFAULT_MIN_EFFECT,
 ) -> ReportResult:
     """Build the report of one or several exported studies; returns the paths and tables."""
     names = [studies] if isinstance(studies, str) else list(studies)
@@ -258,7 +259,7 @@ def build_report(
     )
 
     # --- verdicts
-    table = verdicts.verdict_table(study, reference, stages, level)
+    table = verdicts.verdict_table(study, reference, stages, level, min_effect=min_effect)
     hypothesis = verdicts.hypothesis_table(table)
     doc.h(2, "Verdicts: which variant learns useful patterns, which fits noise")
     doc.p(
@@ -266,7 +267,8 @@ def build_report(
         f"({_stages_text(stages)}, E = planned epochs). Stage value of a run: the mean of the "
         "metric over the stage's epochs. Δ = variant minus reference with its interval (paired "
         "by seed when both ran the same seeds, else Welch). A difference is up / down when its "
-        "interval lies above / below 0, flat when it spans 0. Verdict from (train, test): "
+        "interval lies above / below 0 and its mean is at least "
+        f"{min_effect:g} in size, flat otherwise. Verdict from (train, test): "
         "test up -> learns useful patterns; train up and test flat or down -> noisy fitting; "
         "train flat and test down -> noisy fitting; train down and test flat -> learns useful "
         "patterns; both down -> underfitting; both flat -> no clear difference."

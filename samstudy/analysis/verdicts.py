@@ -7,7 +7,9 @@ Decision rule (one variant, one stage, against its reference variant, default SA
    over the stage's epochs, see ``aggregate.stage_values``) and the difference variant minus
    reference with its 95% t interval (paired by seed when both ran the same seeds, else Welch).
 2. Each difference is ``up`` (interval above 0), ``down`` (below 0) or ``flat`` (the interval
-   spans 0 or cannot be computed, e.g. one seed).
+   spans 0 or cannot be computed, e.g. one seed). A difference smaller than ``min_effect``
+   (default 0.005, half a point of accuracy) is ``flat`` even when its interval excludes 0:
+   with two seeds a paired interval can be razor-thin around a negligible mean.
 3. The verdict is read from this table (rows: train, columns: test):
 
    =========  =========================  =========================  =========================
@@ -66,6 +68,10 @@ RULE: dict[tuple[str, str], str] = {
 }
 
 
+# Smallest accuracy difference that can earn a verdict (half a percentage point).
+DEFAULT_MIN_EFFECT = 0.005
+
+
 def verdict(train_direction: str, test_direction: str) -> str:
     """The verdict for one pair of directions (each ``up``, ``flat`` or ``down``)."""
     try:
@@ -96,8 +102,11 @@ def verdict_table(
     level: float = 0.95,
     train_metric: str = "train_acc",
     test_metric: str = "test_acc",
+    min_effect: float = DEFAULT_MIN_EFFECT,
 ) -> pd.DataFrame:
     """One row per variant and stage: the differences, their directions and the verdict.
+
+    A difference whose mean is below ``min_effect`` in absolute value counts as flat.
 
     Columns: ``variant, reference, stage, n, n_ref, paired``, then for each stage metric
     ``d_<metric>`` (difference of means), ``d_<metric>_low`` / ``_high`` (interval), then
@@ -112,8 +121,10 @@ def verdict_table(
         by_metric = group.set_index("metric")
         if train_metric not in by_metric.index or test_metric not in by_metric.index:
             continue
-        train = by_metric.at[train_metric, "direction"]
-        test = by_metric.at[test_metric, "direction"]
+        train, test = (
+            by_metric.at[m, "direction"] if abs(by_metric.at[m, "diff"]) >= min_effect else "flat"
+            for m in (train_metric, test_metric)
+        )
         first = by_metric.loc[test_metric]
         row = {
             "variant": variant,
