@@ -100,7 +100,7 @@ def test_quickstart_is_the_promised_small_study() -> None:
     }
     assert same_scales == {(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1)}
     rhos = {c["optimizer"]["rho"] for c in configs if c["optimizer"]["name"] != "sgd"}
-    assert rhos == {0.05, 0.1}
+    assert rhos == {0.1, 0.2}
     assert {c["optimizer"]["alpha"] for c in configs if c["optimizer"]["name"] == "saner"} == {0.5}
     # <= 10 minutes on 2 cores, estimated at 2 trials at once with a margin for Ray's start-up
     per_trial = [trial_seconds(c, "cpu") for c in configs]

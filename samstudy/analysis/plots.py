@@ -52,6 +52,13 @@ def _grid(n: int, cols: int = 3) -> tuple[int, int]:
     return math.ceil(max(n, 1) / cols), cols
 
 
+def _is_share(metric: str) -> bool:
+    """Accuracies, memorisation/recovery and region shares live in [0, 1]."""
+    return (
+        metric.startswith("region_") or "_acc" in metric or metric in {"memorization", "recovery"}
+    )
+
+
 def curves_figure(
     curves: pd.DataFrame, metrics: Sequence[str], title: str = "", cols: int = 3
 ) -> Figure | None:
@@ -74,6 +81,8 @@ def curves_figure(
             x = group["step"].to_numpy(dtype=float)
             ax.plot(x, group["mean"], color=colors[variant], lw=1.6, label=variant)
             low, high = group["ci_low"].to_numpy(float), group["ci_high"].to_numpy(float)
+            if _is_share(metric):  # with few seeds a t band overshoots what a share can be
+                low, high = np.clip(low, 0.0, 1.0), np.clip(high, 0.0, 1.0)
             if np.isfinite(low).any():
                 ax.fill_between(x, low, high, color=colors[variant], alpha=0.18, lw=0)
         ax.set_title(TITLES.get(metric, metric), fontsize=10)
