@@ -168,7 +168,9 @@ def test_stats_equal_a_direct_computation(name, flat_sources):
     model = mlp()
     probe = copy.deepcopy(model)
     knobs = {"scales": [1, 0, -0.5, 1]} if name == "custom_same" else {}
-    opt = create_optimizer(model.named_parameters(), name=name, lr=0.0, rho=RHO, **knobs)
+    opt = create_optimizer(
+        model.named_parameters(), name=name, lr=0.0, rho=RHO, stats_every=1, **knobs
+    )
     opt.flat_sources = flat_sources
     want = {k: 0.0 for k in STAT_KEYS}
     counts = torch.zeros(5)
@@ -223,6 +225,18 @@ def test_stats_every_counts_regions_on_sampled_steps_only():
     counts = opt._stats._regions.sum().item()
     assert counts == 3 * n
     assert not math.isnan(opt.read_stats()["grad_norm"])
+
+
+def test_every_read_period_starts_with_a_measured_step():
+    x, y = batch()
+    model = mlp()
+    opt = create_optimizer(model.parameters(), name="sam", lr=0.0)  # default: every 4th step
+    n = sum(p.numel() for p in model.parameters())
+    for _ in range(3):
+        opt.train_step(model, LOSS, x, y)
+        opt.train_step(model, LOSS, x, y)
+        assert opt._stats._regions.sum().item() == n  # the first of the two steps only
+        assert not math.isnan(opt.read_stats()["region_ckpt1"])
 
 
 def test_stats_off_and_sgd_read_nan():
@@ -368,3 +382,17 @@ def test_mixed_dtypes_follow_the_reference(flat_sources):
         sum(v["ckpt1"] * p.numel() for v, p in zip(per.values(), model.parameters(), strict=True))
         / sum(p.numel() for p in model.parameters())
     )
+
+
+@pytest.mark.parametrize("flat_sources", [None, True])
+def test_bfloat16_parameters(flat_sources):
+    x, y = batch()
+    model = mlp().to(torch.bfloat16)
+    opt = create_optimizer(model.named_parameters(), name="custom_same", scales=[1, 0, -0.5, 1])
+    opt.flat_sources = flat_sources
+    loss, _ = opt.train_step(model, LOSS, x.to(torch.bfloat16), y)
+    assert torch.isfinite(loss)
+    stats = opt.read_stats()
+    shares = [stats[f"region_{k}"] for k in ("ckpt1", "ckpt2", "ckpt3", "ckpt4", "zero")]
+    assert sum(shares) == pytest.approx(1.0)
+    assert 0.0 < stats["grad_cos"] <= 1.0 + 1e-6 and stats["grad_norm_p"] > 0

@@ -36,8 +36,18 @@ class AscentConfig:
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """L2 norm over all tensors, computed like the port: norm of the per-tensor norms."""
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors))), 2)
+    """L2 norm over all tensors, computed like the port: norm of the per-tensor norms.
+
+    Half-precision tensors are reduced in float32 (a bfloat16 norm has 3 significant digits).
+    """
+    tensors = list(tensors)
+    half = tensors[0].dtype in (torch.float16, torch.bfloat16)
+    norms = (
+        torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        if half
+        else torch._foreach_norm(tensors)
+    )
+    return torch.linalg.vector_norm(torch.stack(norms), 2)
 
 
 def _scaled(

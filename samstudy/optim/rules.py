@@ -134,12 +134,12 @@ def _groups(table: Table) -> list[tuple[frozenset[int], float, float]]:
 
 
 class RegionRule:
-    """Applies one coefficient table to flat (g, g_p) buffers; yields threshold counts on request.
+    """Applies one coefficient table to (g, g_p); yields per-tensor threshold counts on request.
 
     Eager mode builds d as g_p plus one fused multiply-add per group of regions sharing a
-    coefficient pair (d = g_p + M * ((a - 1) g_p + b g), exact selection by 0/1 masks), which
-    is a few whole-buffer passes. ``compile=True`` runs the same rule as one ``torch.compile``d
-    kernel instead (worth it on long runs; compiling costs seconds once per table).
+    coefficient pair (d = g_p + M * ((a - 1) g_p + b g), M an exact 0/1 mask of the group).
+    ``compile=True`` runs the whole rule as one ``torch.compile``d kernel over flat buffers
+    instead (compiling costs seconds to a minute once per process and table).
     """
 
     def __init__(self, table: Table, compile: bool = False) -> None:
@@ -149,59 +149,93 @@ class RegionRule:
         self.compile = compile
 
     def combine(
-        self, space: FlatSpace, G: Operand, P: Operand, counts: bool
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Return (d, per-tensor threshold counts [T, 4]); d is None for the identity table.
+        self, space: FlatSpace, G: Operand, P: Operand, measure: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Return (d, per-tensor threshold counts [T, 4], [<g, g_p>, <g_p, g_p>]).
 
-        ``G`` / ``P`` are flat buffers of ``space`` or lists of per-parameter tensors. Lists save
-        the two gathers on CPU: the passes that read g and g_p run tensor by tensor, writing
-        straight into the flat work buffers (per-tensor launches would cost more on a GPU).
+        d is ``space``'s flat buffer "D", or None for the identity table (d = g_p); counts and
+        dot products only when ``measure``. ``G`` / ``P`` are either flat buffers of ``space``
+        (gathered: whole-buffer passes, the GPU path) or lists of per-parameter tensors (the
+        CPU path): then every pass runs chunk by chunk of at most ``CHUNK`` elements, so that
+        the dozen passes of a rule stay in cache and g, g_p are read from memory once.
         """
         want_d = not self.identity
-        if not want_d and not counts:
-            return None, None
+        if not want_d and not measure:
+            return None, None, None
+        D = space.buffer("D") if want_d else None
         if self.compile:
             if isinstance(G, list):
                 G, P = space.gather("G", G), space.gather("P", P)
-            D = space.buffer("D") if want_d else None
-            blocks = space.small("block_sums", (len(THRESHOLDS), space.blocks)) if counts else None
-            if self._run_fused(want_d, counts, G, P, D, blocks):
-                return D, (space.segment_counts(blocks) if counts else None)
-        masks = _EagerMasks(space, G, P)
-        D = self._apply_eager(space, masks, G, P) if want_d else None
-        if counts:
-            blocks = space.block_sums([masks.get(k) for k in THRESHOLDS])
-            return D, space.segment_counts(blocks)
-        return D, None
+            blocks = space.small("block_sums", (len(THRESHOLDS), space.blocks)) if measure else None
+            dots = space.small("dots", (2,)) if measure else None
+            if self._run_fused(want_d, measure, G, P, D, blocks, dots):
+                if not measure:
+                    return D, None, None
+                return D, space.segment_counts(blocks, "blocks"), dots.double()
+        if isinstance(G, list):
+            return (D, *self._chunked(space, G, P, D, measure))
+        masks = _Masks(G, P, space.buffer)
+        if D is not None:
+            self._apply(masks, G, P, D)
+        if not measure:
+            return D, None, None
+        blocks = space.block_sums([masks.get(k) for k in THRESHOLDS])
+        G32, P32 = (G, P) if G.dtype == space.acc_dtype else (G.float(), P.float())
+        dots = torch.stack([torch.dot(G32, P32), torch.dot(P32, P32)]).double()
+        return D, space.segment_counts(blocks, "blocks"), dots
 
-    def _apply_eager(
-        self, space: FlatSpace, masks: _EagerMasks, G: Operand, P: Operand
-    ) -> torch.Tensor:
-        D = space.buffer("D")
-        src: Operand = P  # the first operation writes d = g_p + ... into D, saving a copy
+    def _chunked(self, space, G: list, P: list, D, measure: bool):
+        items = space.chunks
+        g_flat = [t.reshape(-1) for t in G]
+        p_flat = [t.reshape(-1) for t in P]
+        d_flat = space.views("D", shaped=False) if D is not None else None
+        if measure:
+            # one row per threshold mask, then <g, g_p> and <g_p, g_p>, per chunk
+            sums = space.small("chunk_sums", (len(THRESHOLDS) + 2, len(items)))
+        scratch = space.scratch
+        for j, (t, a, b) in enumerate(items):
+            g, gp = g_flat[t][a:b], p_flat[t][a:b]
+            n = b - a
+            masks = _Masks(g, gp, lambda name, n=n: scratch(name)[:n])
+            if d_flat is not None:
+                self._apply(masks, g, gp, d_flat[t][a:b])
+            if measure:
+                for i, name in enumerate(THRESHOLDS):
+                    torch.sum(masks.get(name), 0, out=sums[i, j])
+                if g.dtype == sums.dtype:
+                    torch.dot(g, gp, out=sums[4, j])
+                    torch.dot(gp, gp, out=sums[5, j])
+                else:  # half precision: accumulate in float32
+                    sums[4, j] = torch.dot(g.float(), gp.float())
+                    sums[5, j] = torch.dot(gp.float(), gp.float())
+        if not measure:
+            return None, None
+        counts = space.segment_counts(sums[: len(THRESHOLDS)], "chunks")
+        return counts, sums[len(THRESHOLDS) :].sum(1, dtype=torch.float64)
+
+    def _apply(self, masks: _Masks, G: torch.Tensor, P: torch.Tensor, D: torch.Tensor) -> None:
+        src = P  # the first operation writes d = g_p + ... into D, saving a copy
         for regions, a, b in self.groups:
             mask = masks.union(regions)
             if (a, b) == SGD_ROW:
-                _pointwise(space, torch.lerp, D, src, G, mask)  # weight 0 or 1: exact select
+                torch.lerp(src, G, mask, out=D)  # weight 0 or 1: exact select
             else:
                 if a != 1.0:
-                    _pointwise(space, torch.addcmul, D, src, P, mask, value=a - 1.0)
+                    torch.addcmul(src, P, mask, value=a - 1.0, out=D)
                     src = D
                 if b != 0.0:
-                    _pointwise(space, torch.addcmul, D, src, G, mask, value=b)
+                    torch.addcmul(src, G, mask, value=b, out=D)
             src = D
-        return D
 
-    def _run_fused(self, want_d: bool, counts: bool, *args: Any) -> bool:
+    def _run_fused(self, want_d: bool, measure: bool, *args: Any) -> bool:
         """Run the compiled rule; False (after one warning) if compiling is impossible here."""
-        key = (self.table, want_d, counts)
+        key = (self.table, want_d, measure)
         fn = _COMPILED.get(key)
         if fn is None:  # shared by every optimizer with this table: compile once per process
-            fn = torch.compile(_make_fused(self.table, want_d, counts), dynamic=False)
+            fn = torch.compile(_make_fused(self.table, want_d, measure), dynamic=False)
             _COMPILED[key] = fn
-        G, P, D, blocks = args
         try:
-            fn(G, P, D, blocks)
+            fn(*args)
         except Exception as exc:  # no C++ compiler, unsupported backend: stay correct, eager
             warnings.warn(
                 f"torch.compile of the region rule failed ({exc!r}); using eager", stacklevel=3
@@ -211,34 +245,28 @@ class RegionRule:
         return True
 
 
-class _EagerMasks:
-    """Lazily computed 0/1 float masks over the flat buffers (persistent).
+class _Masks:
+    """Lazily computed 0/1 float masks of one stretch of coordinates (g, g_p of equal length).
 
-    Masks are float so that comparisons write them directly and a fused multiply-add can use
-    them (bool operands take a slow mixed-dtype path); region masks are exact differences and
-    sums of nested threshold masks (ckpt2 = [h > 0] - [h >= |g|], ckpt4 = [h <= 0] - [h <= -|g|]).
+    ``buf(name)`` supplies the output tensors (flat buffers, or chunk-sized scratch). Masks are
+    float so that comparisons write them directly and a fused multiply-add can use them (bool
+    operands take a slow mixed-dtype path); region masks are exact differences and sums of
+    nested threshold masks (ckpt2 = [h > 0] - [h >= |g|], ckpt4 = [h <= 0] - [h <= -|g|]).
     """
 
-    def __init__(self, space: FlatSpace, G: Operand, P: Operand) -> None:
-        self.space = space
-        # The gaps between segments must fall out of every threshold test: h = NaN there.
-        self.ag = space.buffer("ag")
-        self.h = space.buffer("h", fill=math.nan)
-        if isinstance(G, torch.Tensor):
-            torch.abs(G, out=self.ag)
-            torch.div(G, self.ag, out=self.h)  # +-1, NaN where g == 0
-            torch.mul(self.h, P, out=self.h)
-        else:
-            for g, gp, ag, h in zip(G, P, space.views("ag"), space.views("h"), strict=True):
-                torch.abs(g, out=ag)
-                torch.div(g, ag, out=h)
-                torch.mul(h, gp, out=h)
+    def __init__(
+        self, G: torch.Tensor, P: torch.Tensor, buf: Callable[[str], torch.Tensor]
+    ) -> None:
+        self.buf = buf
+        self.ag = torch.abs(G, out=buf("ag"))
+        self.h = torch.div(G, self.ag, out=buf("h"))  # +-1, NaN where g == 0
+        torch.mul(self.h, P, out=self.h)
         self._have: dict[str, torch.Tensor] = {}
 
     def get(self, name: str) -> torch.Tensor:
         mask = self._have.get(name)
         if mask is None:
-            out = self.space.buffer(name)
+            out = self.buf(name)
             if name == "gt0":
                 mask = torch.gt(self.h, 0.0, out=out)
             elif name == "ge":
@@ -257,42 +285,30 @@ class _EagerMasks:
         if k == 3:
             return self.get("le")
         outer, inner = ("gt0", "ge") if k == 2 else ("le0", "le")
-        return torch.sub(self.get(outer), self.get(inner), out=self.space.buffer(f"region{k}"))
+        return torch.sub(self.get(outer), self.get(inner), out=self.buf(f"region{k}"))
 
     def union(self, regions: frozenset[int]) -> torch.Tensor:
         if regions == {1, 2}:
             return self.get("gt0")
         if regions == {3, 4}:
             return self.get("le0")
-        out = self.space.buffer("union")
-        if regions == {1, 2, 3, 4}:
-            return torch.add(self.get("gt0"), self.get("le0"), out=out)
         if len(regions) == 1:
             return self.region(next(iter(regions)))
-        first, *rest = sorted(regions)
-        torch.add(self.region(first), self.region(rest[0]), out=out)
-        for k in rest[1:]:
+        out = self.buf("union")
+        if regions == {1, 2, 3, 4}:
+            return torch.add(self.get("gt0"), self.get("le0"), out=out)
+        first, second, *rest = sorted(regions)
+        torch.add(self.region(first), self.region(second), out=out)
+        for k in rest:
             out.add_(self.region(k))
         return out
 
 
-def _pointwise(space: FlatSpace, op, out: torch.Tensor, *args: Operand, **kw: Any) -> None:
-    """``op(*args, out=out)`` on flat buffers, or tensor by tensor when any arg is a list."""
-    if not any(isinstance(a, list) for a in args):
-        op(*args, out=out, **kw)
-        return
-    columns = [a if isinstance(a, list) else space.views_of(a) for a in args]
-    for out_i, *args_i in zip(space.views_of(out), *columns, strict=True):
-        op(*args_i, out=out_i, **kw)
-
-
-def _make_fused(table: Table, want_d: bool, counts: bool) -> Callable[..., None]:
+def _make_fused(table: Table, want_d: bool, measure: bool) -> Callable[..., None]:
     """The whole rule as one function of flat buffers, for torch.compile (writes in place)."""
     (a1, b1), (a2, b2), (a3, b3), (a4, b4) = table
 
-    def fused(
-        G: torch.Tensor, P: torch.Tensor, D: torch.Tensor | None, blocks: torch.Tensor | None
-    ):
+    def fused(G, P, D, blocks, dots):
         ag = G.abs()
         h = P * (G / ag)
         gt0, ge, le0, le = h > 0, h >= ag, h <= 0, h <= -ag
@@ -304,9 +320,11 @@ def _make_fused(table: Table, want_d: bool, counts: bool) -> Callable[..., None]
                 ge, b1, torch.where(gt0, b2, torch.where(le, b3, torch.where(le0, b4, 0.0)))
             )
             D.copy_(a * P + b * G)
-        if counts:
-            sums = [m.view(-1, BLOCK).sum(1, dtype=torch.float32) for m in (gt0, ge, le0, le)]
+        if measure:
+            sums = [m.view(-1, BLOCK).sum(1, dtype=blocks.dtype) for m in (gt0, ge, le0, le)]
             blocks.copy_(torch.stack(sums))
+            G32, P32 = G.to(dots.dtype), P.to(dots.dtype)
+            dots.copy_(torch.stack([(G32 * P32).sum(), (P32 * P32).sum()]))
 
     return fused
 

@@ -20,11 +20,11 @@ _TINY = 1e-30
 class StepStats:
     """Device accumulators for one optimizer's statistics.
 
-    * ``region_*``: share of coordinates in each region, over all coordinates of all steps whose
-      regions were counted since the last reset (counted steps: see ``stats_every``).
+    * ``region_*``: share of coordinates in each region, over all coordinates of all measured
+      steps since the last reset (the optimizer measures every ``stats_every``-th step).
     * ``grad_norm`` (||g||), ``grad_norm_p`` (||g_p||), ``ascent_norm`` (||e||; the mean over
       micro-batches with m-sharpness), ``grad_cos`` (cos(g, g_p)), ``grad_ratio``
-      (||g_p|| / ||g|| of each step): means over steps.
+      (||g_p|| / ||g|| of each step): means over measured steps.
 
     A key that was not measured since the reset reads NaN (e.g. every key but ``grad_norm`` for
     the one-pass ``sgd`` preset).

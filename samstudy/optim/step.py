@@ -109,6 +109,8 @@ class SamOptimizer(torch.optim.Optimizer):
         # Gather g and g_p into flat buffers before the rule (None: on GPUs only, see rules)
         self.flat_sources: bool | None = None
         self._steps = 0
+        # steps since the last read_stats(reset=True): every read period starts measured
+        self._phase = 0
         self._layout_key: tuple[int, ...] | None = None
         self._spaces: list[_Part] = []
         self._stats: StepStats | None = None
@@ -127,7 +129,7 @@ class SamOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict (momentum buffers, ...) plus our step counter."""
         sd = self.base_optimizer.state_dict()
-        sd["samstudy"] = {"steps": self._steps}
+        sd["samstudy"] = {"steps": self._steps, "phase": self._phase}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -138,6 +140,7 @@ class SamOptimizer(torch.optim.Optimizer):
         # Loading replaces the base optimizer's group dicts: share the new ones again.
         self.param_groups = self.base_optimizer.param_groups
         self._steps = int(ours.get("steps", 0))
+        self._phase = int(ours.get("phase", 0))
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One-pass presets: the base optimizer's step. Two-step presets need :meth:`train_step`."""
@@ -152,9 +155,15 @@ class SamOptimizer(torch.optim.Optimizer):
 
     def read_stats(self, reset: bool = True) -> dict[str, float]:
         """Means since the last reset of every key in ``STAT_KEYS`` (NaN = not measured)."""
+        if reset:
+            self._phase = 0
         if self._stats is None:
             return {k: float("nan") for k in STAT_KEYS}
         return self._stats.read(reset)
+
+    def _measuring(self) -> bool:
+        """Measure this step? The first after each reset, then every ``stats_every``-th."""
+        return self._stats is not None and self._phase % self.stats_every == 0
 
     def read_param_stats(self, reset: bool = True) -> dict[str, dict[str, float]]:
         """Per parameter tensor: ``{name: {region: share}}`` since the last reset."""
@@ -176,6 +185,7 @@ class SamOptimizer(torch.optim.Optimizer):
         else:
             loss, logits = self._two_step(model, loss_fn, inputs, targets, params)
         self._steps += 1
+        self._phase += 1
         return loss, logits
 
     def _one_pass(self, model, loss_fn, inputs, targets, params):
@@ -185,7 +195,7 @@ class SamOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
-            if self._stats is not None:
+            if self._measuring():
                 used = [g for g in grads if g is not None]
                 if used:
                     self._stats.add_grad_norm(global_norm(used))
@@ -206,6 +216,7 @@ class SamOptimizer(torch.optim.Optimizer):
             chunks = [(inputs, targets)]
         else:
             chunks = list(zip(inputs.split(self.m), targets.split(self.m), strict=True))
+        measure = self._measuring()
         g_acc: list[torch.Tensor] = []
         gp_acc: list[torch.Tensor] = []
         used = [False] * len(params)
@@ -218,7 +229,7 @@ class SamOptimizer(torch.optim.Optimizer):
             used = [a or b for a, b in zip(used, chunk_used, strict=True)]
             losses.append(loss)
             logits_all.append(logits)
-            if self._stats is not None:
+            if measure:
                 enorms.append(self._ascent_norm(e, gnorm, rhos))
             with torch.no_grad():
                 if len(chunks) == 1:
@@ -233,7 +244,7 @@ class SamOptimizer(torch.optim.Optimizer):
         if len(chunks) > 1:
             gnorm = None  # the ascent's norm was a micro-batch's, not the step's
         with torch.no_grad():
-            d = self._combine_and_measure(g_acc, gp_acc, used, gnorm, enorms)
+            d = self._combine_and_measure(g_acc, gp_acc, used, gnorm, enorms, measure)
             for p, dp, u in zip(params, d, used, strict=True):
                 p.grad = dp if u else None
         self.base_optimizer.step()
@@ -290,42 +301,32 @@ class SamOptimizer(torch.optim.Optimizer):
             return rhos[0] * gnorm / (gnorm + EPS)  # ||e|| in closed form: saves a pass
         return global_norm(e)
 
-    def _combine_and_measure(self, g, gp, used, gnorm, enorms) -> list[torch.Tensor]:
+    def _combine_and_measure(self, g, gp, used, gnorm, enorms, measure) -> list[torch.Tensor]:
         """d per parameter (views of a flat buffer, or g_p itself for ``sam``) and statistics."""
-        stats = self._stats
-        count = stats is not None and self._steps % self.stats_every == 0
         d: list[torch.Tensor] = list(gp)
-        dot = None
-        regions = []
+        dots, regions = [], []
         for part in self._spaces:
-            if self.rule.identity and not count:
-                continue  # plain SAM: d = g_p, the rule is skipped entirely
             G: Operand = [g[i] for i in part.idx]
             P: Operand = [gp[i] for i in part.idx]
             flat = self.flat_sources
             if flat is None:
                 flat = part.space.device.type != "cpu"
-            if flat and not self.rule.compile:
+            if flat and not self.rule.compile and (measure or not self.rule.identity):
                 # one multi-tensor copy each beats a launch per tensor and pass on a GPU
                 G, P = part.space.gather("G", G), part.space.gather("P", P)
-                if stats is not None:
-                    dot = torch.dot(G, P) if dot is None else dot + torch.dot(G, P)
-            D, thresholds = self.rule.combine(part.space, G, P, counts=count)
+            D, thresholds, part_dots = self.rule.combine(part.space, G, P, measure)
             if D is not None:
                 for i, view in zip(part.idx, part.space.views("D"), strict=True):
                     d[i] = view
-            if thresholds is not None:
+            if measure:
                 regions.append((part, regions_from_thresholds(thresholds, part.numels)))
-        if stats is not None:
-            if dot is None:
-                dot = sum(
-                    torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(g, gp, strict=True)
-                )
+                dots.append(part_dots.to(self._stats.device))
+        if measure:
+            dot, gp_sq = torch.stack(dots).sum(0) if len(dots) > 1 else dots[0]
             gn = gnorm if gnorm is not None else global_norm(g)
             en = torch.stack(enorms).mean() if len(enorms) > 1 else enorms[0]
-            stats.add_two_step(gn, global_norm(gp), en, dot)
-            if count:
-                stats.add_regions(self._gather_regions(regions, used))
+            self._stats.add_two_step(gn, gp_sq.sqrt(), en, dot)
+            self._stats.add_regions(self._gather_regions(regions, used))
         return d
 
     # -- layout and names -------------------------------------------------------------------
