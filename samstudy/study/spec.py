@@ -38,6 +38,7 @@ from samstudy.configpath import (
 )
 from samstudy.study.grid import flatten_config, flatten_overrides, iter_block, run_name, trial_id
 from samstudy.train.config import TrialConfig
+from samstudy.train.metrics import EPOCH_METRICS
 
 __all__ = [
     "METRICS",
@@ -56,32 +57,8 @@ __all__ = [
     "study_from_mapping",
 ]
 
-# Metric names a search may optimise (docs/architecture.md, trainer contract).
-METRICS = (
-    "train_loss",
-    "train_acc",
-    "train_acc_clean",
-    "train_acc_noisy",
-    "train_loss_clean",
-    "train_loss_noisy",
-    "memorization",
-    "recovery",
-    "test_loss",
-    "test_acc",
-    "best_test_acc",
-    "region_ckpt1",
-    "region_ckpt2",
-    "region_ckpt3",
-    "region_ckpt4",
-    "region_zero",
-    "grad_norm",
-    "grad_norm_p",
-    "ascent_norm",
-    "grad_cos",
-    "grad_ratio",
-    "sharpness_lambda_max",
-    "sharpness_trace",
-)
+# Metric names a search may optimise (the trainer's per-epoch metrics).
+METRICS = EPOCH_METRICS
 
 # Errors listed per study before the message is cut short (a bad grid key repeats per trial).
 _MAX_ERRORS = 6
