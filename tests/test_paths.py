@@ -4,7 +4,6 @@ paths and ``samstudy export`` following the study file's tracking settings."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -66,31 +65,22 @@ def test_all_callers_share_the_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_trainer_takes_relative_data_paths_from_the_project_root(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``samstudy train`` from another directory reads the same data as ``make study``."""
+    """``samstudy train`` from another directory looks where ``make study`` looks."""
+    from samstudy.data import DataNotFoundError
     from samstudy.train import loop
 
-    seen: dict[str, Any] = {}
-
-    class Stop(Exception):
-        pass
-
-    def capture(name: str, **kwargs: Any) -> None:
-        seen.update(kwargs)
-        raise Stop
-
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(loop, "build_data", capture)
-    config = {
-        "data": {"name": "cifar10", "root": "data/cifar"},
-        "noise": {"kind": "human", "label_file": "labels/CIFAR-10_human.pt"},
-        "model": {"name": "mlp"},
-        "epochs": 1,
-        "device": "cpu",
-    }
-    with pytest.raises(Stop):
-        loop.run_trial(config, lambda metrics, checkpoint: None)
-    assert seen["root"] == str(REPO / "data" / "cifar")
-    assert seen["label_file"] == str(REPO / "labels" / "CIFAR-10_human.pt")
+    missing = "no-such-data-folder/cifar"
+    config = {"data": {"name": "cifar10", "root": missing}, "model": {"name": "mlp"}, "epochs": 1}
+    with pytest.raises(DataNotFoundError) as error:
+        loop.run_trial({**config, "device": "cpu"}, lambda metrics, checkpoint: None)
+    assert str(REPO / missing) in str(error.value)
+    assert not (tmp_path / missing).exists() and not (REPO / missing).exists()
+    labels = "no-such-labels/CIFAR-10_human.pt"
+    human = {"noise": {"kind": "human", "label_file": labels}, "model": {"name": "mlp"}}
+    with pytest.raises(Exception) as error:  # noqa: B017 - the message is what is checked
+        loop.run_trial({**human, "epochs": 1, "device": "cpu"}, lambda m, c: None)
+    assert str(REPO / labels) in str(error.value)
 
 
 # ---------------------------------------------------------------------------------------------

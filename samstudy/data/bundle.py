@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 import torch
 
+from samstudy.paths import absolute_path
+
 from .loaders import DeviceLoader, SequentialLoader, TorchvisionLoader
 from .noise import NOISE_KINDS, apply_noise
 from .sources import RawData, load_cifar, load_digits, load_gaussian
@@ -162,7 +164,8 @@ def build_data(
     """Load data set ``name``, apply label noise, and place the tensors on ``device``.
 
     Arguments are named like the fields of ``DataConfig`` / ``NoiseConfig`` (``noise_*`` for
-    the noise fields). The data moves to ``device`` when it takes at most ``device_fraction`` of
+    the noise fields). Relative ``root`` and ``label_file`` are taken from the project root
+    (``samstudy.paths``). The data moves to ``device`` when it takes at most ``device_fraction`` of
     the device's free memory; otherwise it stays on the CPU and the torchvision loader serves it.
     """
     if name not in DATASETS:
@@ -183,7 +186,7 @@ def build_data(
         kind=noise_kind,
         rate=noise_rate,
         seed=noise_seed,
-        label_file=label_file,
+        label_file=absolute_path(label_file) if label_file else None,
         label_key=label_key,
     )
     target = resolve_device(device)

@@ -20,7 +20,6 @@ from torch import nn
 from samstudy.data import build_data, resolve_device
 from samstudy.models import create_model
 from samstudy.optim import create_optimizer
-from samstudy.paths import absolute_path
 from samstudy.train.checkpoint import (
     CHECKPOINT_FORMAT,
     detached_copy,
@@ -170,10 +169,9 @@ def run_trial(
     seed_everything(cfg.seed)
 
     # ---- data (noise has its own seed; the loader's order comes from (seed, epoch)) ---------
-    label_file = cfg.noise.label_file
     data = build_data(
         cfg.data.name,
-        root=str(absolute_path(cfg.data.root)),
+        root=cfg.data.root,  # relative paths: from the project root (build_data resolves them)
         download=cfg.data.download,
         test_size=cfg.data.test_size,
         split_seed=cfg.data.split_seed,
@@ -181,7 +179,7 @@ def run_trial(
         noise_kind=cfg.noise.kind,
         noise_rate=cfg.noise.rate,
         noise_seed=cfg.noise.seed,
-        label_file=str(absolute_path(label_file)) if label_file else None,
+        label_file=cfg.noise.label_file,
         label_key=cfg.noise.label_key,
         device=device,
     )
