@@ -20,7 +20,9 @@ HERE = Path(__file__).resolve().parent
 def main(argv: list[str] | None = None) -> int:
     names = sorted(p.stem for p in HERE.glob("bench_*.py"))
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--only", action="append", choices=names, help="run only these (repeatable)")
+    parser.add_argument(
+        "--only", action="append", choices=names, help="run only these (repeatable)"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller sizes")
     args = parser.parse_args(argv)
     out_dir = HERE / "results"

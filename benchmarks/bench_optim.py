@@ -4,7 +4,7 @@ torchvision's ResNet-18 (num_classes=10, 11.2M parameters) on CIFAR-shaped rando
 variant is timed in a block of alternating steps with its reference (plain SAM, statistics off,
 unless the row says otherwise), so both sides see the same machine load; the ratio is the median
 over pairs of variant step / neighbouring reference step. ``lr = 0`` keeps the weights, and so
-the work of every step, identical. Full run: a few minutes on 2 cores (compiling included).
+the work of every step, identical. Full run: about 10 minutes on 2 cores (compiling included).
 """
 
 from __future__ import annotations
@@ -69,25 +69,30 @@ ROWS: list[Row] = [
     ),
 ]
 
-COMPILED_ROWS: list[Row] = [
+# The rule as eager torch ops (compile: false), which is what non-CPU devices and models under
+# AUTO_COMPILE_MIN_NUMEL parameters run; the rows above use the default (compile: auto).
+EAGER = {"stats": False, "compile": False}
+EAGER_ROWS: list[Row] = [
+    ("same [1, 0, 0, 0], eager rule", {"name": "same", "scales": [1.0, 0, 0, 0], **EAGER}, None),
     (
-        "custom_same, compiled rule",
-        {"name": "custom_same", "scales": [0.5, 0, -0.5, 0.5], "stats": False, "compile": True},
+        "custom_same [0.5, 0, -0.5, 0.5], eager rule",
+        {"name": "custom_same", "scales": [0.5, 0, -0.5, 0.5], **EAGER},
+        None,
+    ),
+    ("sgd_where_agree, eager rule", {"name": "sgd_where_agree", **EAGER}, None),
+    (
+        "table (all 8 coefficients), eager rule",
+        {"name": "table", "coefficients": [[1, 0.5], [2, 1], [0.5, -1], [-1, 2]], **EAGER},
         None,
     ),
     (
-        "table, compiled rule",
-        {
-            "name": "table",
-            "coefficients": [[1, 0.5], [2, 1], [0.5, -1], [-1, 2]],
-            "stats": False,
-            "compile": True,
-        },
+        "sam, statistics on every step vs off, eager",
+        {"name": "sam", "stats_every": 1, "compile": False},
         None,
     ),
     (
-        "sam, statistics on every step, compiled",
-        {"name": "sam", "stats_every": 1, "compile": True},
+        "sam, statistics on (default: every 4th step) vs off, eager",
+        {"name": "sam", "stats": True, "stats_every": 4, "compile": False},
         None,
     ),
 ]
@@ -114,7 +119,8 @@ def _pair(model, x, y, variant: dict, ref: dict, pairs: int, warmup: int) -> dic
     """
     run_v, run_r = _stepper(model, variant, x, y), _stepper(model, ref, x, y)
     every = variant.get("stats_every", 1)
-    pairs = -(-pairs // every) * every  # whole sampling cycles
+    # whole sampling cycles, and at least 6 of them: a median over 2 cycles is mostly noise
+    pairs = max(-(-pairs // every), 6 if every > 1 else 1) * every
     for _ in range(warmup):
         run_v()
         run_r()
@@ -147,6 +153,8 @@ HEADLINE = (
     "same [1, 0, 0, 0]",
     "custom_same [0.5, 0, -0.5, 0.5]",
     "table (all 8 coefficients)",
+    "table (all 8 coefficients), eager rule",
+    "sam, statistics on (default: every 4th step) vs off, eager",
 )
 
 
@@ -161,8 +169,10 @@ def _section(title: str, rows: list[Row], model, x, y, pairs: int, warmup: int, 
     for label, knobs, ref in rows:
         if "m" in knobs:  # 4 micro-batches whatever the batch size
             knobs = {**knobs, "m": batch // 4}
-        if knobs.get("compile"):  # compile once outside the timing
-            _stepper(model, knobs, x, y)()
+        if knobs.get("compile") is not False:  # compile (maybe) outside the timing
+            warm = _stepper(model, knobs, x, y)
+            for _ in range(knobs.get("stats_every", 1) + 1):  # measured and unmeasured steps
+                warm()
         r = _pair(model, x, y, knobs, ref or REF, pairs, warmup)
         lines.append(
             f"| {label} | {r['variant'] * 1e3:.0f} | {r['reference'] * 1e3:.0f} "
@@ -173,11 +183,13 @@ def _section(title: str, rows: list[Row], model, x, y, pairs: int, warmup: int, 
 
 
 def run(quick: bool = False) -> str:
-    """Markdown tables of step-time ratios (``quick``: batch 32, fewer repeats, no compile).
+    """Markdown tables of step-time ratios (``quick``: batch 32, fewer repeats, no eager rows).
 
     Two sections: the headline rows at torch's default thread count (wall time is what the
     targets are about), then every row on one thread, where process CPU time does not count
     the waits that other jobs on a shared machine impose (and no thread waits for another).
+    Rows use the optimizer defaults (``compile: auto``: the rule is one compiled kernel for this
+    CPU model) unless they say "eager rule".
     """
     import torchvision
 
@@ -187,15 +199,18 @@ def run(quick: bool = False) -> str:
     model = torchvision.models.resnet18(num_classes=10)
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
-    every_row = ROWS + ([] if quick else COMPILED_ROWS)
+    every_row = ROWS + ([] if quick else EAGER_ROWS)
     lines = [
         f"## bench_optim: step time against plain SAM (ResNet-18, 11.2M parameters, batch "
         f"{batch}, CPU)",
         "",
         "Each row alternates its variant with its reference (plain SAM with statistics off "
         f"unless stated) for {pairs} pairs after {warmup} warm-up pair; step times are medians, "
-        "ratios the median over pairs of variant / neighbouring reference step (over cycles of "
-        "4 pairs for sampled statistics). lr = 0 keeps the work of every step identical.",
+        "ratios the median over pairs of variant / neighbouring reference step (over at least "
+        "6 cycles of 4 pairs for sampled statistics). lr = 0 keeps the work of every step "
+        "identical. Rows run the optimizer defaults: `compile: auto` makes the combination "
+        "rule and the measurement one compiled kernel on this CPU model (compiled before the "
+        "timing); rows marked 'eager rule' set `compile: false`, as GPUs and small models run.",
         "",
     ]
     threads = torch.get_num_threads()

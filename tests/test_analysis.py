@@ -541,7 +541,6 @@ def test_lab_notes_column_marks_samecheckpoint_variants(study) -> None:
     assert (row["early"], row["late"]) == (row["lab notes: early"], row["lab notes: late"])
 
 
-
 def test_negligible_difference_is_flat_whatever_its_interval(tmp_path: Path) -> None:
     """A razor-thin interval around a tiny mean earns no verdict; a real difference still does."""
     from mlflow import MlflowClient

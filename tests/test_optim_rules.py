@@ -271,3 +271,55 @@ def test_chunked_path_matches_flat_path_across_chunk_edges():
         assert torch.equal(c_flat, c_chunk), name
     idx = region_index(g, gp)
     assert c_flat.sum(0).tolist() == [int((idx == k).sum()) for k in (1, 2, 3, 4, 0)]
+
+
+def test_auto_compile_only_for_large_cpu_spaces():
+    from samstudy.optim.rules import AUTO_COMPILE_MIN_NUMEL
+
+    rule = RegionRule(TABLES["dense"], compile="auto")
+    small = FlatSpace([torch.Size([1000])], torch.device("cpu"), torch.float32)
+    large = FlatSpace([torch.Size([AUTO_COMPILE_MIN_NUMEL])], torch.device("cpu"), torch.float32)
+    on_meta = FlatSpace([torch.Size([AUTO_COMPILE_MIN_NUMEL])], torch.device("meta"), torch.float32)
+    assert not rule.compiled_for(small)
+    assert rule.compiled_for(large)
+    assert not rule.compiled_for(on_meta)  # accelerators keep the eager flat-buffer passes
+    assert RegionRule(TABLES["dense"], compile=True).compiled_for(small)
+    assert not RegionRule(TABLES["dense"], compile=False).compiled_for(large)
+    with pytest.raises(ValueError, match="'auto'"):
+        RegionRule(TABLES["dense"], compile="yes")
+
+
+@pytest.mark.slow
+def test_default_optimizer_compiles_large_cpu_models_with_the_same_result():
+    """``compile: auto`` (the default) takes the compiled kernel for a 1M-parameter CPU model;
+    the step, statistics included, matches the eager rule."""
+    from samstudy.optim import create_optimizer
+    from samstudy.optim.rules import _COMPILED
+
+    coefficients = [[1.0, 0.5], [2.0, 1.0], [0.5, -1.0], [-1.0, 2.0]]
+    table = tuple(tuple(row) for row in coefficients)
+    results = []
+    for compile in ("auto", False):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(1024, 1024)  # 1,049,600 parameters: over the auto threshold
+        x, y = torch.randn(32, 1024), torch.randint(0, 1024, (32,))
+        opt = create_optimizer(
+            model.named_parameters(),
+            name="table",
+            coefficients=coefficients,
+            lr=1.0,
+            rho=0.05,
+            stats_every=1,
+            **({} if compile == "auto" else {"compile": False}),
+        )
+        assert opt.rule.compile == compile
+        for _ in range(2):
+            opt.train_step(model, torch.nn.functional.cross_entropy, x, y)
+        if compile == "auto":
+            assert (table, True, True) in _COMPILED  # the compiled kernel ran
+        results.append(([p.detach().clone() for p in model.parameters()], opt.read_stats()))
+    (w_auto, s_auto), (w_eager, s_eager) = results
+    for a, b in zip(w_auto, w_eager, strict=True):
+        torch.testing.assert_close(a, b)
+    for key in s_eager:
+        assert s_auto[key] == pytest.approx(s_eager[key], rel=1e-5, nan_ok=True), key

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from samstudy.optim.ascent import ASCENTS, DEFAULT_CLAMP_RMS, AscentConfig
-from samstudy.optim.rules import PRESETS, Table, check_table, preset_table
+from samstudy.optim.rules import COMPILE_MODES, PRESETS, Table, check_table, preset_table
 from samstudy.optim.step import SECOND_GRADS, SamOptimizer
 
 BASES = ("sgd", "adamw")
@@ -69,7 +69,7 @@ class OptimizerSpec:
     second_grad: str = "full"
     stats: bool = True
     stats_every: int = DEFAULT_STATS_EVERY
-    compile: bool = False
+    compile: bool | str = "auto"
 
 
 def _bad(knob: str, what: str, value: Any) -> ValueError:
@@ -153,7 +153,7 @@ def parse_optimizer_config(mapping: Mapping[str, Any]) -> OptimizerSpec:
             "an integer >= 1",
             lambda v: v >= 1,
         ),
-        compile=_boolean("compile", cfg.get("compile", False)),
+        compile=_compile(cfg.get("compile", "auto")),
     )
 
 
@@ -251,6 +251,13 @@ def _ascent(cfg: dict[str, Any]) -> AscentConfig:
         clamp_quantile=quantile,
         clamp_renorm=_boolean("clamp_renorm", cfg.get("clamp_renorm", False)),
     )
+
+
+def _compile(value: Any) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    allowed = ", ".join(str(m).lower() if isinstance(m, bool) else repr(m) for m in COMPILE_MODES)
+    raise ValueError(f"optimizer.compile: expected one of {allowed}, got {value!r}")
 
 
 def _m(value: Any) -> int | None:

@@ -91,7 +91,7 @@ class SamOptimizer(torch.optim.Optimizer):
         second_grad: str,
         stats: bool,
         stats_every: int,
-        compile: bool,
+        compile: bool | str,
     ) -> None:
         groups, self._given_names = normalize_params(params)
         super().__init__(groups, {"rho": rho})
@@ -311,7 +311,8 @@ class SamOptimizer(torch.optim.Optimizer):
             flat = self.flat_sources
             if flat is None:
                 flat = part.space.device.type != "cpu"
-            if flat and not self.rule.compile and (measure or not self.rule.identity):
+            compiled = self.rule.compiled_for(part.space)
+            if flat and not compiled and (measure or not self.rule.identity):
                 # one multi-tensor copy each beats a launch per tensor and pass on a GPU
                 G, P = part.space.gather("G", G), part.space.gather("P", P)
             D, thresholds, part_dots = self.rule.combine(part.space, G, P, measure)
