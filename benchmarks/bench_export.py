@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from samstudy.train.metrics import EPOCH_METRICS
+from samstudy.train.config import EPOCH_METRICS
 
 # 20 of the trainer's per-epoch metrics (the 1000 runs x 20 metrics x 200 epochs).
 METRICS = [*EPOCH_METRICS[:18], "lr", "epoch_time"]

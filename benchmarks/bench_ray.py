@@ -38,19 +38,19 @@ class _Timeline:
     def __init__(self) -> None:
         from ray import tune
 
-        from samstudy.study.runner import TRIAL_CLOCK
+        from samstudy.study.runner import TRIAL_START, epoch_results
 
         timeline = self
 
         class Callback(tune.Callback):
             def on_trial_result(self, trial: Any, result: dict, **info: Any) -> None:
-                now = time.time()
-                if trial.trial_id not in timeline.started:
-                    # The trainable started TRIAL_CLOCK before this first result arrived.
-                    timeline.started[trial.trial_id] = now - result[TRIAL_CLOCK]
+                # the worker's clock (results may reach the driver in batches)
+                timeline.started.setdefault(trial.trial_id, result[TRIAL_START])
                 timeline.last[trial.trial_id] = result
                 train = timeline.train.get(trial.trial_id, 0.0)
-                timeline.train[trial.trial_id] = train + float(result.get("epoch_time", 0.0))
+                for row in epoch_results(result):  # epochs come in batches
+                    train += float(row.get("epoch_time", 0.0))
+                timeline.train[trial.trial_id] = train
 
             def on_trial_complete(self, trial: Any, **info: Any) -> None:
                 timeline.ended[trial.trial_id] = time.time()

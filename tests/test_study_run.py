@@ -28,7 +28,13 @@ pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
 from ray import tune  # noqa: E402
 
-from samstudy.study.runner import REPORT_CLOCK, TRIAL_CLOCK, run_study  # noqa: E402
+from samstudy.study.runner import (  # noqa: E402
+    EARLIER_EPOCHS,
+    REPORT_CLOCK,
+    TRIAL_CLOCK,
+    epoch_results,
+    run_study,
+)
 from samstudy.study.spec import StudySpec, study_from_mapping  # noqa: E402
 
 BASE = {
@@ -78,6 +84,7 @@ def test_grid_study_end_to_end_with_diverged_trial_then_complete(
     spec = make_study(
         tmp_path,
         "e2e",
+        base={"checkpoint_every": 5},  # no checkpoint in 3 epochs: results may be batched
         grid={"optimizer.name": ["sgd", "sam"], "optimizer.lr": [0.05, 1.0e12]},
     )
     trials = spec.expand()
@@ -120,8 +127,10 @@ def test_grid_study_end_to_end_with_diverged_trial_then_complete(
 
     # Tune keeps only its JSON log (read by reconcile): no CSV / TensorBoard files per trial,
     # and every result carries the worker-side clocks, the time in tune.report within the total.
+    # Epochs shorter than a second travel to the driver in batches; each epoch exactly once.
     trial_dirs = [d for d in (tmp_path / "ray" / "e2e").iterdir() if d.is_dir()]
     assert len(trial_dirs) == 4
+    batched = 0
     for folder in trial_dirs:
         assert not list(folder.glob("progress.csv")) and not list(folder.glob("events.out*"))
         lines = (folder / "result.json").read_text().splitlines()
@@ -130,6 +139,10 @@ def test_grid_study_end_to_end_with_diverged_trial_then_complete(
         clocks = [(r[TRIAL_CLOCK], r[REPORT_CLOCK]) for r in results]
         assert all(0 <= in_report < total for total, in_report in clocks), clocks
         assert [c[0] for c in clocks] == sorted(c[0] for c in clocks)
+        epochs = [int(e["epoch"]) for r in results for e in epoch_results(r)]
+        assert epochs == list(range(1, len(epochs) + 1))
+        batched += sum(len(r[EARLIER_EPOCHS]) for r in results)
+    assert batched > 0
 
     # Running a complete study again starts nothing and adds no runs.
     again = io.StringIO()
@@ -195,6 +208,10 @@ def test_search_study_with_optuna_and_asha(local_ray: None, tmp_path: Path) -> N
     )
     result = run_study(spec, out=io.StringIO())
     assert result.status == "complete"
+    # ASHA acts on every result: no epochs batched
+    for folder in (d for d in (tmp_path / "ray" / "search").iterdir() if d.is_dir()):
+        results = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()]
+        assert results and all(r[EARLIER_EPOCHS] == [] for r in results)
     runs = child_runs(result.tracking_uri, "search")
     assert len(runs) == 3
     assert len({r.data.tags["samstudy.trial_id"] for r in runs}) == 3

@@ -187,3 +187,29 @@ def test_trial_metrics_keeps_numbers_only() -> None:
     result = {"epoch": 3, "test_acc": 0.9, "status": "running", "done": False, "pid": 1}
     result.update({"training_iteration": 3, "node_id": "abc", "config": {"a": 1}})
     assert trial_metrics(result) == {"epoch": 3.0, "test_acc": 0.9}
+
+
+def test_queued_epochs_are_written_in_few_batches(uri: str) -> None:
+    """Epochs queued together (a worker's batch) go out in one log_batch per ~1000 metrics,
+    each epoch exactly once, repeats skipped."""
+    tracker = StudyTracker(uri, "demo")
+    _log(tracker, range(1, 121))  # queued before the writer starts: one run of 120 epochs
+    _log(tracker, range(100, 131))  # a resumed trial re-reporting epochs 100..120
+    client = tracker._get_client()
+    calls: list[int] = []
+    log_batch = client.log_batch
+
+    def counting_log_batch(run_id: str, metrics=(), **kwargs) -> None:  # noqa: ANN001
+        if metrics:
+            calls.append(len(metrics))
+        log_batch(run_id, metrics=metrics, **kwargs)
+
+    client.log_batch = counting_log_batch  # an observer in front of the real client
+    tracker.start()
+    assert tracker.finish("complete", timeout=60) == 0
+    (run,) = _runs(uri)
+    assert _history(uri, run.info.run_id) == [(e, 1.0 / e) for e in range(1, 131)]
+    # 2 metrics per epoch (loss, epoch): 120 + 10 new epochs in a handful of calls, not 130
+    assert sum(calls) == 2 * 130
+    assert len(calls) <= 4, calls
+    assert all(n <= 1000 for n in calls)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +162,19 @@ def test_ray_client_address_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(RunnerError, match="Ray Client"):
         init_ray()
     assert not ray.is_initialized()
+
+
+def test_runner_import_leaves_torch_to_the_trial() -> None:
+    """A Tune worker imports the runner module before a trial starts: it must not pay for
+    torch there (the trial imports it, inside its own clock), nor the CLI for plan/validate."""
+    code = "import sys, samstudy.study.runner; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_epoch_results_unpack_batched_epochs() -> None:
+    from samstudy.study.runner import EARLIER_EPOCHS, epoch_results
+
+    result = {"epoch": 3, EARLIER_EPOCHS: [{"epoch": 1}, {"epoch": 2}]}
+    assert [r["epoch"] for r in epoch_results(result)] == [1, 2, 3]
+    assert epoch_results({"epoch": 1}) == [{"epoch": 1}]

@@ -58,6 +58,10 @@ SHARED_STORAGE_ENV = "SAMSTUDY_SHARED_STORAGE"
 # Worker-side clocks in every Tune result (see `trainable`); `_` keeps them out of MLflow.
 TRIAL_CLOCK = "_trial_wall_s"
 REPORT_CLOCK = "_in_report_s"
+TRIAL_START = "_trial_start_time"  # time.time() when the trainable started
+# A worker collects epochs for up to this many seconds before one `tune.report` (see `trainable`).
+REPORT_BATCH_S = 1.0
+EARLIER_EPOCHS = "_earlier_epochs"  # the collected epochs before a result's own
 # Outcomes that count as done: a rerun does not start these trials again.
 DONE_STATUSES = ("completed", "diverged", "stopped")
 
@@ -169,7 +173,10 @@ class _ExperimentFiles:
 
 
 def trainable(
-    config: dict[str, Any], study: StudySpec | None = None, root: str | None = None
+    config: dict[str, Any],
+    study: StudySpec | None = None,
+    root: str | None = None,
+    batch_s: float = REPORT_BATCH_S,
 ) -> None:
     """Ray Tune function trainable: one samstudy trial.
 
@@ -177,12 +184,21 @@ def trainable(
     built into a trial with ``study.trial_from_overrides``; ``root`` is the driver's project
     folder, against which relative data paths are resolved).
 
-    Every result carries two worker-side clocks (left out of MLflow by their ``_`` prefix):
-    ``TRIAL_CLOCK`` (seconds since this call started, imports included) and ``REPORT_CLOCK``
+    Epochs are reported in batches: ``tune.report`` waits for a round trip to Tune's driver
+    (~10 ms), which for epochs of a few milliseconds would be most of a short trial's Tune
+    overhead. So epochs shorter than ``batch_s`` are collected and sent with the next result
+    that goes out (under ``EARLIER_EPOCHS``; :func:`epoch_results` unpacks them). A result goes
+    out at once when ``batch_s`` has passed since the last one, with a checkpoint (so nothing
+    before a checkpoint can be lost), and at the end. ``batch_s = 0`` reports every epoch (for
+    schedulers that act on each result, such as ASHA).
+
+    Every result carries worker-side clocks (left out of MLflow by their ``_`` prefix):
+    ``TRIAL_CLOCK`` (seconds since this call started, imports included), ``REPORT_CLOCK``
     (seconds spent inside earlier ``tune.report`` calls: persisting checkpoints and waiting for
-    Tune's driver). Their difference at the last result is the trial's own time.
+    Tune's driver) and ``TRIAL_START`` (the wall-clock start). The difference of the first two at
+    the last result is the trial's own time.
     """
-    started = time.perf_counter()
+    started_at, started = time.time(), time.perf_counter()
     import ray
     import torch
     from ray import tune
@@ -201,26 +217,38 @@ def trainable(
                 Path(folder) / CHECKPOINT_FILE, weights_only=True, map_location="cpu"
             )
     in_report = 0.0
+    last_sent = started
+    held: list[dict[str, Any]] = []
 
     def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        nonlocal in_report
-        metrics = {**metrics, "node_id": node_id, REPORT_CLOCK: in_report}
-        if state is None:
-            metrics[TRIAL_CLOCK] = time.perf_counter() - started
-            begin = time.perf_counter()
-            tune.report(metrics)
-            in_report += time.perf_counter() - begin
+        nonlocal in_report, last_sent
+        metrics = {**metrics, "node_id": node_id}
+        final = metrics.get("status") != "running"
+        if state is None and not final and time.perf_counter() - last_sent < batch_s:
+            held.append(metrics)
             return
-        # Tune copies the folder into the experiment storage inside report(), so a temporary
-        # folder is enough.
-        with tempfile.TemporaryDirectory(prefix="samstudy-ckpt-") as folder:
-            torch.save(state, Path(folder) / CHECKPOINT_FILE)
+        metrics.update({EARLIER_EPOCHS: held[:], REPORT_CLOCK: in_report, TRIAL_START: started_at})
+        held.clear()
+        with contextlib.ExitStack() as stack:
+            ckpt = None
+            if state is not None:
+                # Tune copies the folder into the experiment storage inside report(), so a
+                # temporary folder is enough.
+                folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="samstudy-ckpt-"))
+                torch.save(state, Path(folder) / CHECKPOINT_FILE)
+                ckpt = tune.Checkpoint.from_directory(folder)
             metrics[TRIAL_CLOCK] = time.perf_counter() - started
             begin = time.perf_counter()
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-            in_report += time.perf_counter() - begin
+            tune.report(metrics, checkpoint=ckpt)
+            last_sent = time.perf_counter()
+            in_report += last_sent - begin
 
     run_trial(trial["config"], report, resume=resume)
+
+
+def epoch_results(result: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The per-epoch results in one Tune result: the epochs batched before it, then itself."""
+    return [*result.get(EARLIER_EPOCHS, ()), result]
 
 
 def resolve_trial(
@@ -406,7 +434,8 @@ class TrackingCallback(Callback):
                 "samstudy.hostname": str(result.get("hostname", "")),
             }
             self.tracker.set_tags(samstudy_trial, tags)
-        self.tracker.log_result(samstudy_trial, result)
+        for epoch_result in epoch_results(result):
+            self.tracker.log_result(samstudy_trial, epoch_result)
 
     def on_trial_recover(self, trial: Any, **info: Any) -> None:
         self.tracker.set_status(
@@ -620,8 +649,9 @@ def reconcile(
                 continue
             trial = resolver(result["config"], result["trial_id"])
             seen[trial["trial_id"]] = trial
-            tracker.log_result(trial, result)
-            count += 1
+            for epoch_result in epoch_results(result):
+                tracker.log_result(trial, epoch_result)
+                count += 1
     recorded = (state or {}).get("trials", {})
     for trial_id, trial in seen.items():
         status = recorded.get(trial_id, {}).get("status")
@@ -750,7 +780,9 @@ def run_study(
             if study.search is None:
                 fn: Callable[..., Any] = trainable
             else:
-                fn = tune.with_parameters(trainable, study=study, root=str(root))
+                # ASHA decides at each rung epoch: give it every epoch as it ends
+                batch_s = 0.0 if study.search.asha is not None else REPORT_BATCH_S
+                fn = tune.with_parameters(trainable, study=study, root=str(root), batch_s=batch_s)
             fn = tune.with_resources(fn, resources)
             total = len(trials) if study.search is None else study.search.num_samples
             done = sum(1 for v in state["trials"].values() if v["status"] in DONE_STATUSES)
@@ -816,6 +848,9 @@ def _tune_switches(restoring: bool) -> dict[str, str]:
     No CSV and TensorBoard loggers (driver CPU and an fsync per result, read by nothing here);
     the JSON one, whose ``result.json`` :func:`reconcile` reads, is in the run config. A
     restored experiment brings its own pickled callbacks, so it keeps Tune's defaults.
+    (Tune's own result buffering, ``TUNE_RESULT_BUFFER_LENGTH``, is not used: Ray 2.60's
+    controller passes its two arguments to ``train_buffered`` in swapped order; the trainable
+    batches its epochs itself, see :func:`trainable`.)
     """
     switches: dict[str, str] = {}
     if not restoring:

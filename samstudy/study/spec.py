@@ -37,8 +37,7 @@ from samstudy.configpath import (
     unknown_key_message,
 )
 from samstudy.study.grid import flatten_config, flatten_overrides, iter_block, run_name, trial_id
-from samstudy.train.config import TrialConfig
-from samstudy.train.metrics import EPOCH_METRICS
+from samstudy.train.config import EPOCH_METRICS, TrialConfig
 
 __all__ = [
     "METRICS",

@@ -15,6 +15,7 @@ still queued when the study ends is written to a spool file and replayed on the 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -385,15 +386,19 @@ class StudyTracker:
                     self._cond.wait()
                 if self._stop:  # finish() flushed first; what is left goes to the spool
                     return
-                op = self._ops[0]
+                ops = self._next_ops()
+                op = ops[0]
                 self._busy = True
             try:
-                self._apply(op)
+                if len(ops) > 1:
+                    self._log_metrics(ops)
+                else:
+                    self._apply(op)
             except Exception as exc:  # noqa: BLE001 - any store failure is retried or recorded
                 if _is_permanent(exc):
                     logger.warning("MLflow refused %s: %s (dropped)", op.get("op"), exc)
-                    self.dropped.append((op, str(exc)))
-                    self._done(op)
+                    self.dropped.extend((o, str(exc)) for o in ops)
+                    self._done(ops)
                     continue
                 if self._online:
                     logger.warning(
@@ -416,12 +421,32 @@ class StudyTracker:
                 logger.warning("MLflow at %s reachable again; flushing", self.tracking_uri)
             self._online = True
             backoff = 0.5
-            self._done(op)
+            self._done(ops)
 
-    def _done(self, op: dict) -> None:
+    def _next_ops(self) -> list[dict]:
+        """The head of the queue: one operation, or a run of one trial's epochs (caller holds
+        the lock). Epochs arrive in batches (see ``runner.trainable``); one ``log_batch`` for
+        a batch costs a store transaction instead of one per epoch (~10 ms of driver CPU each
+        on sqlite, taken from the trials on a small machine)."""
+        head = self._ops[0]
+        ops = [head]
+        if head["op"] != "metrics":
+            return ops
+        size = len(head["metrics"])
+        for op in itertools.islice(self._ops, 1, None):
+            size += len(op.get("metrics", ()))
+            if op["op"] != "metrics" or op["trial_id"] != head["trial_id"]:
+                break
+            if size > _MAX_METRICS_PER_BATCH:
+                break
+            ops.append(op)
+        return ops
+
+    def _done(self, ops: list[dict]) -> None:
         with self._cond:
-            if self._ops and self._ops[0] is op:
-                self._ops.pop(0)
+            for op in ops:
+                if self._ops and self._ops[0] is op:
+                    self._ops.pop(0)
             self._busy = False
             self._cond.notify_all()
 
@@ -610,21 +635,39 @@ class StudyTracker:
             self._complete_params.add(trial_id)
         return run_id
 
-    def _log_metrics(self, op: dict) -> None:
+    def _log_metrics(self, ops: dict | list[dict]) -> None:
+        """Log the epochs of one trial (one operation each), in as few ``log_batch`` calls as
+        MLflow's limit allows, without splitting an epoch unless it alone is over the limit."""
         from mlflow.entities import Metric
 
-        trial_id, epoch = op["trial_id"], op["epoch"]
+        ops = [ops] if isinstance(ops, dict) else ops
+        trial_id = ops[0]["trial_id"]
         run_id = self._ensure_trial(trial_id)
-        if epoch <= self._last_epoch.get(trial_id, 0.0):
-            return  # a retried or resumed trial re-reporting an epoch MLflow already has
-        values = dict(op["metrics"])
-        # `epoch` goes last: it is the marker of a logged step, so it must not precede the rest.
-        last = values.pop("epoch")
-        metrics = [Metric(k, v, op["ts"], epoch) for k, v in values.items()]
-        metrics.append(Metric("epoch", last, op["ts"], epoch))
-        for chunk in _chunks(metrics, _MAX_METRICS_PER_BATCH):
-            self._get_client().log_batch(run_id, metrics=chunk)
-        self._last_epoch[trial_id] = float(epoch)
+        batch: list[Metric] = []
+        batch_last = None
+
+        def send() -> None:
+            for chunk in _chunks(batch, _MAX_METRICS_PER_BATCH):
+                self._get_client().log_batch(run_id, metrics=chunk)
+            if batch_last is not None:
+                self._last_epoch[trial_id] = float(batch_last)
+            batch.clear()
+
+        for op in ops:
+            epoch = op["epoch"]
+            if epoch <= max(self._last_epoch.get(trial_id, 0.0), batch_last or 0):
+                continue  # a retried or resumed trial re-reporting an epoch MLflow already has
+            values = dict(op["metrics"])
+            # `epoch` goes last: it is the marker of a logged step, so it must not precede the
+            # rest (an epoch is never split across calls unless it alone is over the limit).
+            last = values.pop("epoch")
+            metrics = [Metric(k, v, op["ts"], epoch) for k, v in values.items()]
+            metrics.append(Metric("epoch", last, op["ts"], epoch))
+            if batch and len(batch) + len(metrics) > _MAX_METRICS_PER_BATCH:
+                send()
+            batch.extend(metrics)
+            batch_last = epoch
+        send()
 
     def _set_status(self, op: dict) -> None:
         client = self._get_client()

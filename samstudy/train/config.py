@@ -11,6 +11,34 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Every per-epoch metric of ``run_trial`` that a study may optimise or a report may plot (the
+# contract of docs/architecture.md; ``epoch``, ``lr``, timings and ``status`` come on top).
+EPOCH_METRICS: tuple[str, ...] = (
+    "train_loss",
+    "train_acc",
+    "train_acc_clean",
+    "train_acc_noisy",
+    "train_loss_clean",
+    "train_loss_noisy",
+    "memorization",
+    "recovery",
+    "test_loss",
+    "test_acc",
+    "best_test_acc",
+    "region_ckpt1",
+    "region_ckpt2",
+    "region_ckpt3",
+    "region_ckpt4",
+    "region_zero",
+    "grad_norm",
+    "grad_norm_p",
+    "ascent_norm",
+    "grad_cos",
+    "grad_ratio",
+    "sharpness_lambda_max",
+    "sharpness_trace",
+)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
