@@ -297,7 +297,6 @@ def test_default_optimizer_compiles_large_cpu_models_with_the_same_result():
     from samstudy.optim.rules import _COMPILED
 
     coefficients = [[1.0, 0.5], [2.0, 1.0], [0.5, -1.0], [-1.0, 2.0]]
-    table = tuple(tuple(row) for row in coefficients)
     results = []
     for compile in ("auto", False):
         torch.manual_seed(0)
@@ -316,10 +315,33 @@ def test_default_optimizer_compiles_large_cpu_models_with_the_same_result():
         for _ in range(2):
             opt.train_step(model, torch.nn.functional.cross_entropy, x, y)
         if compile == "auto":
-            assert (table, True, True) in _COMPILED  # the compiled kernel ran
+            assert (True, True) in _COMPILED
+            assert opt.rule.compile == "auto"  # a failed compile would have switched to eager
         results.append(([p.detach().clone() for p in model.parameters()], opt.read_stats()))
     (w_auto, s_auto), (w_eager, s_eager) = results
     for a, b in zip(w_auto, w_eager, strict=True):
         torch.testing.assert_close(a, b)
     for key in s_eager:
         assert s_auto[key] == pytest.approx(s_eager[key], rel=1e-5, nan_ok=True), key
+
+
+@pytest.mark.slow
+def test_one_compiled_rule_serves_every_table():
+    """The coefficients are a kernel input: new tables neither recompile nor give stale d."""
+    import warnings
+
+    import torch._dynamo
+
+    g, gp = boundary_pairs()
+    gen = torch.Generator().manual_seed(1)
+    g = torch.cat([g, torch.randn(2000, generator=gen)])
+    gp = torch.cat([gp, torch.randn(2000, generator=gen)])
+    tables = [TABLES["dense"], preset_table("sgd_where_agree"), preset_table("saner", alpha=0.3)]
+    tables += [tuple((0.1 * k + j, 1.0 - j) for j in range(4)) for k in range(10)]
+    run_rule(tables[0], g, gp, compile=True)  # compiled for these shapes
+    # from here a recompile raises, and the rule's fallback warning would be an error
+    with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for table in tables:
+            d, _ = run_rule(table, g, gp, compile=True)
+            assert_direction(table, g, gp, d)

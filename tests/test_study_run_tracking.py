@@ -213,3 +213,18 @@ def test_queued_epochs_are_written_in_few_batches(uri: str) -> None:
     assert sum(calls) == 2 * 130
     assert len(calls) <= 4, calls
     assert all(n <= 1000 for n in calls)
+
+
+def test_refused_epoch_in_a_batch_drops_only_itself(uri: str) -> None:
+    """MLflow refusing one epoch of a queued batch: the others are still written, once."""
+    tracker = StudyTracker(uri, "demo")
+    for epoch in range(1, 6):
+        metrics = {"epoch": epoch, "loss": 1.0 / epoch, "status": "running"}
+        if epoch == 3:
+            metrics["bad name!"] = 1.0  # an invalid metric name: a permanent refusal
+        tracker.log_result(TRIAL, metrics)
+    tracker.start()
+    assert tracker.finish("complete", timeout=60) == 0
+    (run,) = _runs(uri)
+    assert [step for step, _ in _history(uri, run.info.run_id)] == [1, 2, 4, 5]
+    assert [op["epoch"] for op, _ in tracker.dropped] == [3]

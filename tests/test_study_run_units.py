@@ -178,3 +178,60 @@ def test_epoch_results_unpack_batched_epochs() -> None:
     result = {"epoch": 3, EARLIER_EPOCHS: [{"epoch": 1}, {"epoch": 2}]}
     assert [r["epoch"] for r in epoch_results(result)] == [1, 2, 3]
     assert epoch_results({"epoch": 1}) == [{"epoch": 1}]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_epoch_batcher_holds_short_epochs_and_sends_each_once() -> None:
+    from samstudy.study.runner import EARLIER_EPOCHS, EpochBatcher, epoch_results
+
+    sent: list[tuple[dict, object]] = []
+    clock = _Clock()
+    batcher = EpochBatcher(lambda m, s: sent.append((m, s)), batch_s=1.0, clock=clock)
+
+    def epoch(n: int, status: str = "running") -> dict:
+        return {"epoch": n, "status": status}
+
+    for n in (1, 2, 3):  # 0.3 s apart: held
+        clock.now += 0.3
+        batcher(epoch(n))
+    assert sent == []
+    clock.now += 0.3  # 1.2 s since the start: goes out with the three held
+    batcher(epoch(4))
+    assert [[e["epoch"] for e in epoch_results(m)] for m, _ in sent] == [[1, 2, 3, 4]]
+    batcher(epoch(5))  # held
+    batcher(epoch(6), state={"w": 1})  # a checkpoint goes at once, with the held epoch
+    batcher(epoch(7))  # held
+    batcher(epoch(8, "completed"))  # the last one goes at once
+    epochs = [[e["epoch"] for e in epoch_results(m)] for m, _ in sent]
+    assert epochs == [[1, 2, 3, 4], [5, 6], [7, 8]]
+    assert [s for _, s in sent] == [None, {"w": 1}, None]
+    assert all("_wall_time" in e for m, _ in sent for e in epoch_results(m))
+    assert all(m[EARLIER_EPOCHS] is not batcher.held for m, _ in sent)
+
+
+def test_epoch_batcher_flush_after_an_error_and_batch_zero() -> None:
+    from samstudy.study.runner import EpochBatcher, epoch_results
+
+    sent: list[dict] = []
+    batcher = EpochBatcher(lambda m, s: sent.append(m), batch_s=60.0)
+    for n in (1, 2, 3):
+        batcher({"epoch": n, "status": "running"})
+    assert sent == []
+    batcher.flush()  # what the trainable does when the trainer raises
+    assert [[e["epoch"] for e in epoch_results(m)] for m in sent] == [[1, 2, 3]]
+    batcher.flush()  # nothing held: nothing sent
+    assert len(sent) == 1
+
+    every: list[dict] = []
+    unbatched = EpochBatcher(lambda m, s: every.append(m), batch_s=0.0)
+    for n in (1, 2, 3):
+        unbatched({"epoch": n, "status": "running"})
+    assert [m["epoch"] for m in every] == [1, 2, 3]
+    assert all(m["_earlier_epochs"] == [] for m in every)

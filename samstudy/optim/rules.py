@@ -55,7 +55,10 @@ SAM_ROW = (1.0, 0.0)
 SGD_ROW = (0.0, 1.0)
 IDENTITY: Table = (SAM_ROW, SAM_ROW, SAM_ROW, SAM_ROW)
 
-_COMPILED: dict[tuple[Table, bool, bool], Callable[..., None]] = {}
+# One compiled rule per (want d, measure) per process; the table is an argument, so a worker that
+# runs many tables (a search over coefficients) compiles once per model shape, not per table
+# (torch.compile silently stops compiling a function after 8 variants).
+_COMPILED: dict[tuple[bool, bool], Callable[..., None]] = {}
 
 COMPILE_MODES = (True, False, "auto")
 # ``compile: auto`` compiles the rule for CPU parameter sets at least this large: there one
@@ -159,6 +162,7 @@ class RegionRule:
         self.identity = table == IDENTITY
         self.groups = _groups(table)
         self.compile = compile
+        self._coef: dict[torch.device, torch.Tensor] = {}  # the table as a compiled-kernel input
 
     def compiled_for(self, space: FlatSpace) -> bool:
         """Does ``combine`` run the compiled kernel for ``space``?"""
@@ -247,13 +251,19 @@ class RegionRule:
 
     def _run_fused(self, want_d: bool, measure: bool, *args: Any) -> bool:
         """Run the compiled rule; False (after one warning) if compiling is impossible here."""
-        key = (self.table, want_d, measure)
+        key = (want_d, measure)
         fn = _COMPILED.get(key)
-        if fn is None:  # shared by every optimizer with this table: compile once per process
-            fn = torch.compile(_make_fused(self.table, want_d, measure), dynamic=False)
+        if fn is None:  # shared by every optimizer: compile once per process (and shape)
+            fn = torch.compile(_make_fused(want_d, measure), dynamic=False)
             _COMPILED[key] = fn
+        G = args[0]
+        coef = self._coef.get(G.device)
+        if coef is None:  # (a_k, b_k) rows, then the zero set's (1, 0): a kernel input
+            rows = [*self.table, SAM_ROW]
+            coef = torch.tensor(rows, dtype=torch.float32, device=G.device).T.contiguous()
+            self._coef[G.device] = coef
         try:
-            fn(*args)
+            fn(coef, *args)
         except Exception as exc:  # no C++ compiler, unsupported backend: stay correct, eager
             warnings.warn(
                 f"torch.compile of the region rule failed ({exc!r}); using the eager rule",
@@ -323,20 +333,24 @@ class _Masks:
         return out
 
 
-def _make_fused(table: Table, want_d: bool, measure: bool) -> Callable[..., None]:
-    """The whole rule as one function of flat buffers, for torch.compile (writes in place)."""
-    (a1, b1), (a2, b2), (a3, b3), (a4, b4) = table
+def _make_fused(want_d: bool, measure: bool) -> Callable[..., None]:
+    """The whole rule as one function of flat buffers, for torch.compile (writes in place).
 
-    def fused(G, P, D, blocks, dots):
+    ``coef`` is [2, 5]: the a and b coefficients of ckpt1..ckpt4 and of the zero set (1, 0).
+    """
+
+    def fused(coef, G, P, D, blocks, dots):
         ag = G.abs()
         h = P * (G / ag)
         gt0, ge, le0, le = h > 0, h >= ag, h <= 0, h <= -ag
         if want_d:
+            a1, a2, a3, a4, a0 = coef[0].to(P.dtype).unbind()
+            b1, b2, b3, b4, b0 = coef[1].to(P.dtype).unbind()
             a = torch.where(
-                ge, a1, torch.where(gt0, a2, torch.where(le, a3, torch.where(le0, a4, 1.0)))
+                ge, a1, torch.where(gt0, a2, torch.where(le, a3, torch.where(le0, a4, a0)))
             )
             b = torch.where(
-                ge, b1, torch.where(gt0, b2, torch.where(le, b3, torch.where(le0, b4, 0.0)))
+                ge, b1, torch.where(gt0, b2, torch.where(le, b3, torch.where(le0, b4, b0)))
             )
             D.copy_(a * P + b * G)
         if measure:

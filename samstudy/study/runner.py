@@ -45,6 +45,7 @@ from samstudy.study.spec import StudySpec, TrialSpec
 from samstudy.study.tracking import (
     NODE_TAG,
     TERMINAL_STATUSES,
+    WALL_TIME,
     StudyTracker,
     resolve_tracking_uri,
 )
@@ -184,13 +185,10 @@ def trainable(
     built into a trial with ``study.trial_from_overrides``; ``root`` is the driver's project
     folder, against which relative data paths are resolved).
 
-    Epochs are reported in batches: ``tune.report`` waits for a round trip to Tune's driver
-    (~10 ms), which for epochs of a few milliseconds would be most of a short trial's Tune
-    overhead. So epochs shorter than ``batch_s`` are collected and sent with the next result
-    that goes out (under ``EARLIER_EPOCHS``; :func:`epoch_results` unpacks them). A result goes
-    out at once when ``batch_s`` has passed since the last one, with a checkpoint (so nothing
-    before a checkpoint can be lost), and at the end. ``batch_s = 0`` reports every epoch (for
-    schedulers that act on each result, such as ASHA).
+    Epochs are reported in batches (:class:`EpochBatcher`): ``tune.report`` waits for a round
+    trip to Tune's driver (~10 ms), which for epochs of a few milliseconds would be most of a
+    short trial's Tune overhead. ``batch_s = 0`` reports every epoch (for schedulers that act on
+    each result, such as ASHA). If the trial raises, the held epochs are sent first.
 
     Every result carries worker-side clocks (left out of MLflow by their ``_`` prefix):
     ``TRIAL_CLOCK`` (seconds since this call started, imports included), ``REPORT_CLOCK``
@@ -217,18 +215,10 @@ def trainable(
                 Path(folder) / CHECKPOINT_FILE, weights_only=True, map_location="cpu"
             )
     in_report = 0.0
-    last_sent = started
-    held: list[dict[str, Any]] = []
 
-    def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        nonlocal in_report, last_sent
-        metrics = {**metrics, "node_id": node_id}
-        final = metrics.get("status") != "running"
-        if state is None and not final and time.perf_counter() - last_sent < batch_s:
-            held.append(metrics)
-            return
-        metrics.update({EARLIER_EPOCHS: held[:], REPORT_CLOCK: in_report, TRIAL_START: started_at})
-        held.clear()
+    def send(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        nonlocal in_report
+        metrics.update({"node_id": node_id, REPORT_CLOCK: in_report, TRIAL_START: started_at})
         with contextlib.ExitStack() as stack:
             ckpt = None
             if state is not None:
@@ -240,10 +230,55 @@ def trainable(
             metrics[TRIAL_CLOCK] = time.perf_counter() - started
             begin = time.perf_counter()
             tune.report(metrics, checkpoint=ckpt)
-            last_sent = time.perf_counter()
-            in_report += last_sent - begin
+            in_report += time.perf_counter() - begin
 
-    run_trial(trial["config"], report, resume=resume)
+    batcher = EpochBatcher(send, batch_s)
+    try:
+        run_trial(trial["config"], batcher, resume=resume)
+    except Exception:
+        batcher.flush()  # the epochs before the error reach MLflow even if no retry is left
+        raise
+
+
+class EpochBatcher:
+    """The trainer's ``report(metrics, checkpoint)`` that holds short epochs back.
+
+    An epoch is held while less than ``batch_s`` seconds passed since the last send; it goes out
+    later with the next result sent, under ``EARLIER_EPOCHS``. A result is sent at once when it
+    carries a checkpoint (nothing before a checkpoint can be lost), is the last one (status
+    other than ``running``), or ``batch_s`` has passed. Every epoch gets ``WALL_TIME``.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[dict[str, Any], dict[str, Any] | None], None],
+        batch_s: float,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.send = send
+        self.batch_s = batch_s
+        self.clock = clock
+        self.held: list[dict[str, Any]] = []
+        self.last_sent = clock()
+
+    def __call__(self, metrics: Mapping[str, Any], state: dict[str, Any] | None = None) -> None:
+        metrics = {WALL_TIME: time.time(), **metrics}
+        final = metrics.get("status") != "running"
+        if state is None and not final and self.clock() - self.last_sent < self.batch_s:
+            self.held.append(metrics)
+            return
+        self._send(metrics, state)
+
+    def flush(self) -> None:
+        """Send the held epochs now (the last one as the result)."""
+        if self.held:
+            self._send(self.held.pop(), None)
+
+    def _send(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        metrics[EARLIER_EPOCHS] = self.held
+        self.held = []
+        self.send(metrics, state)
+        self.last_sent = self.clock()
 
 
 def epoch_results(result: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -632,7 +667,7 @@ def reconcile(
     """Queue every epoch in Tune's ``result.json`` files (and recorded outcomes) for MLflow.
 
     Logged epochs are skipped by the tracker, so this only fills gaps: results buffered in a
-    driver that was killed, or an MLflow store that lost them. Returns the results read.
+    driver that was killed, or an MLflow store that lost them. Returns the epochs read.
     """
     count = 0
     seen: dict[str, dict[str, Any]] = {}

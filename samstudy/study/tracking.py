@@ -42,6 +42,9 @@ GIT_TAG = "samstudy.git_commit"
 VERSION_TAG = "samstudy.version"
 OVERRIDES_TAG = "samstudy.overrides"
 NODE_TAG = "samstudy.node_id"
+# A result's wall-clock time (seconds) when the worker produced it: the MLflow timestamp of its
+# metrics (epochs reach the driver in batches, see runner.trainable).
+WALL_TIME = "_wall_time"
 PARENT_TAG = "mlflow.parentRunId"
 
 # Trial statuses; `stopped` is a trial ended early by a scheduler (ASHA) before its last epoch.
@@ -205,6 +208,7 @@ class StudyTracker:
         self._trials: dict[str, dict] = {}  # trial_id -> trial dict (needed to create its run)
         self._cond = threading.Condition()
         self._busy = False
+        self._single = 0  # operations still to write one by one (after a refused group)
         self._stop = False
         self._online = True
         self._thread: threading.Thread | None = None
@@ -254,7 +258,7 @@ class StudyTracker:
                 "trial_id": trial["trial_id"],
                 "epoch": int(values["epoch"]),
                 "metrics": values,
-                "ts": int(time.time() * 1000),
+                "ts": int(float(metrics.get(WALL_TIME) or time.time()) * 1000),
             }
         )
 
@@ -395,9 +399,15 @@ class StudyTracker:
                 else:
                     self._apply(op)
             except Exception as exc:  # noqa: BLE001 - any store failure is retried or recorded
+                if _is_permanent(exc) and len(ops) > 1:
+                    # retry the group one operation at a time: drop only what is refused
+                    with self._cond:
+                        self._single = len(ops)
+                        self._busy = False
+                    continue
                 if _is_permanent(exc):
                     logger.warning("MLflow refused %s: %s (dropped)", op.get("op"), exc)
-                    self.dropped.extend((o, str(exc)) for o in ops)
+                    self.dropped.append((op, str(exc)))
                     self._done(ops)
                     continue
                 if self._online:
@@ -430,7 +440,7 @@ class StudyTracker:
         on sqlite, taken from the trials on a small machine)."""
         head = self._ops[0]
         ops = [head]
-        if head["op"] != "metrics":
+        if head["op"] != "metrics" or self._single:
             return ops
         size = len(head["metrics"])
         for op in itertools.islice(self._ops, 1, None):
@@ -444,6 +454,7 @@ class StudyTracker:
 
     def _done(self, ops: list[dict]) -> None:
         with self._cond:
+            self._single = max(0, self._single - len(ops))
             for op in ops:
                 if self._ops and self._ops[0] is op:
                     self._ops.pop(0)
