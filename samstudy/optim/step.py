@@ -223,14 +223,14 @@ class SamOptimizer(torch.optim.Optimizer):
         losses, logits_all, enorms = [], [], []
         gnorm = None
         for x, t in chunks:
-            logits, loss, g, gp, e, gnorm, chunk_used = self._passes(
-                model, loss_fn, x, t, params, names, rhos
+            logits, loss, g, gp, enorm, gnorm, chunk_used = self._passes(
+                model, loss_fn, x, t, params, names, rhos, measure
             )
             used = [a or b for a, b in zip(used, chunk_used, strict=True)]
             losses.append(loss)
             logits_all.append(logits)
             if measure:
-                enorms.append(self._ascent_norm(e, gnorm, rhos))
+                enorms.append(enorm)
             with torch.no_grad():
                 if len(chunks) == 1:
                     g_acc, gp_acc = g, gp
@@ -255,8 +255,9 @@ class SamOptimizer(torch.optim.Optimizer):
         loss = sum(w * v for w, v in zip(weights, losses, strict=True))
         return loss, torch.cat(logits_all)
 
-    def _passes(self, model, loss_fn, x, t, params, names, rhos):
-        """First pass at w, ascent, second pass at w + e for one (micro-)batch."""
+    def _passes(self, model, loss_fn, x, t, params, names, rhos, measure):
+        """First pass at w, ascent, second pass at w + e for one (micro-)batch; returns
+        (logits, loss, g, g_p, ||e|| if ``measure``, ||g|| or None, which params were used)."""
         mode = self.second_grad
         logits = model(x)
         loss = loss_fn(logits, t)
@@ -273,8 +274,10 @@ class SamOptimizer(torch.optim.Optimizer):
                 for gi, p in zip(g, params, strict=True)
             ]
             w = [p.detach() for p in params]
-            e, gnorm = ascent(self.ascent_cfg, g, w, rhos)
-            wp = torch._foreach_add(w, e)
+            e, gnorm = ascent(self.ascent_cfg, g, w, rhos, out=self._perturbed_buffers(params))
+            enorm = self._ascent_norm(e, gnorm, rhos) if measure else None
+            torch._foreach_add_(e, w)  # w + e in place: e itself is not needed any more
+            wp = e
         if mode == "logit":
             with torch.no_grad(), running_stats_frozen(model):
                 zp = functional_call(model, dict(zip(names, wp, strict=True)), (x,))
@@ -294,7 +297,13 @@ class SamOptimizer(torch.optim.Optimizer):
         gp = [
             gi if gi is not None else torch.zeros_like(p) for gi, p in zip(gp, params, strict=True)
         ]
-        return logits.detach(), loss.detach(), g, gp, e, gnorm, used
+        return logits.detach(), loss.detach(), g, gp, enorm, gnorm, used
+
+    def _perturbed_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """e and then w + e, in tensors kept from step to step (leaves of the second pass)."""
+        if self._wp is None:
+            self._wp = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+        return self._wp
 
     def _ascent_norm(self, e, gnorm, rhos) -> torch.Tensor:
         if self.ascent_cfg.kind == "sam" and gnorm is not None and len(set(rhos)) == 1:
@@ -347,6 +356,7 @@ class SamOptimizer(torch.optim.Optimizer):
             space = FlatSpace([params[i].shape for i in idx], device, dtype)
             self._spaces.append(_Part(idx, space, self._stats))
         self._unused_masks: dict[tuple[bool, ...], torch.Tensor] = {}
+        self._wp: list[torch.Tensor] | None = None
 
     def _gather_regions(self, parts, used: list[bool]) -> torch.Tensor:
         """One [T, 5] count matrix from the spaces' parts; unused tensors count nothing."""
