@@ -106,6 +106,8 @@ def _stepper(model, knobs: dict[str, Any], x, y) -> Callable[[], None]:
 
     def step() -> None:
         opt.train_step(model, loss_fn, x, y)
+        if x.is_cuda:  # time the kernels, not their launch
+            torch.cuda.synchronize()
 
     return step
 
@@ -223,4 +225,9 @@ def run(quick: bool = False) -> str:
         lines += _section("Every row, one thread", every_row, model, x, y, pairs, warmup, batch)
     finally:
         torch.set_num_threads(threads)
+    if torch.cuda.is_available():  # the GPU target (<= 1.05x SAM): flat buffers, eager rule
+        gpu_rows = [r for r in every_row if "eager" not in r[0]]
+        model, x, y = model.cuda(), x.cuda(), y.cuda()
+        name = torch.cuda.get_device_name()
+        lines += _section(f"Every row, GPU ({name})", gpu_rows, model, x, y, pairs, 2, batch)
     return "\n".join(lines)
