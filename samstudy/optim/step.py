@@ -302,7 +302,7 @@ class SamOptimizer(torch.optim.Optimizer):
     def _perturbed_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """e and then w + e, in tensors kept from step to step (leaves of the second pass)."""
         if self._wp is None:
-            self._wp = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+            self._wp = [torch.empty_like(p) for p in params]
         return self._wp
 
     def _ascent_norm(self, e, gnorm, rhos) -> torch.Tensor:
