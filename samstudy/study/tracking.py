@@ -394,7 +394,7 @@ class StudyTracker:
                 op = ops[0]
                 self._busy = True
             try:
-                if len(ops) > 1:
+                if op["op"] == "metrics":
                     self._log_metrics(ops)
                 else:
                     self._apply(op)
@@ -444,9 +444,9 @@ class StudyTracker:
             return ops
         size = len(head["metrics"])
         for op in itertools.islice(self._ops, 1, None):
-            size += len(op.get("metrics", ()))
             if op["op"] != "metrics" or op["trial_id"] != head["trial_id"]:
                 break
+            size += len(op["metrics"])
             if size > _MAX_METRICS_PER_BATCH:
                 break
             ops.append(op)
@@ -490,7 +490,7 @@ class StudyTracker:
         elif kind == "study":
             self._mark_study_running()
         elif kind == "metrics":
-            self._log_metrics(op)
+            self._log_metrics([op])
         elif kind == "status":
             self._set_status(op)
         elif kind == "tags":
@@ -646,12 +646,11 @@ class StudyTracker:
             self._complete_params.add(trial_id)
         return run_id
 
-    def _log_metrics(self, ops: dict | list[dict]) -> None:
+    def _log_metrics(self, ops: list[dict]) -> None:
         """Log the epochs of one trial (one operation each), in as few ``log_batch`` calls as
         MLflow's limit allows, without splitting an epoch unless it alone is over the limit."""
         from mlflow.entities import Metric
 
-        ops = [ops] if isinstance(ops, dict) else ops
         trial_id = ops[0]["trial_id"]
         run_id = self._ensure_trial(trial_id)
         batch: list[Metric] = []
