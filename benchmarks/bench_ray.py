@@ -1,8 +1,8 @@
 """Ray Tune overhead of ``samstudy study``: 16 CPU trials of a few seconds each.
 
-A real study (digits + MLP, one thread and one Ray CPU per trial, a checkpoint every
-``CHECKPOINT_EVERY`` epochs as in the shipped studies, sqlite MLflow) runs through ``run_study``
-on a local Ray with one slot per core. Reported:
+A real study (digits + MLP, one thread and one Ray CPU per trial, ``checkpoint_every:
+CHECKPOINT_EVERY`` as in the shipped studies and the study's default ``checkpoint_min_s``, sqlite
+MLflow) runs through ``run_study`` on a local Ray with one slot per core. Reported:
 
 * overhead ratio = study wall time (``run_study`` call to return) / (sum of trial times /
   concurrency), target <= 1.15. A trial's time is its own wall time inside the worker, from the
@@ -32,6 +32,8 @@ EPOCHS = 12  # ~1.5 s per trial for the MLP on one thread (plus imports in a wor
 # the trial length: every length is measured in the same run.
 LONG_EPOCHS = (30, 50)
 CHECKPOINT_EVERY = 5  # as in the shipped studies
+# The study default keeps a checkpoint at most every `checkpoint_min_s` (10 s) of a trial: a
+# few-second trial keeps only its last. One row keeps all of them, to show what they cost.
 
 
 class _Timeline:
@@ -64,7 +66,7 @@ class _Timeline:
         self.train: dict[str, float] = {}  # sum of the trainer's epoch_time per trial
 
 
-def _study(tmp: Path, trials: int, epochs: int) -> Any:
+def _study(tmp: Path, trials: int, epochs: int, every_checkpoint: bool = False) -> Any:
     from samstudy.study.spec import study_from_mapping
 
     data = {
@@ -81,17 +83,20 @@ def _study(tmp: Path, trials: int, epochs: int) -> Any:
         },
         "grid": {"seed": list(range(trials))},
         "storage_path": str(tmp / "ray"),
+        **({"checkpoint_min_s": 0} if every_checkpoint else {}),
         "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
     }
     return study_from_mapping(data, path=tmp / "bench_ray.yaml")
 
 
-def _measure(trials: int, epochs: int, concurrency: int, reuse: bool) -> dict[str, float]:
+def _measure(
+    trials: int, epochs: int, concurrency: int, reuse: bool, every_checkpoint: bool = False
+) -> dict[str, float]:
     from samstudy.study.runner import REPORT_CLOCK, TRIAL_CLOCK, run_study
 
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as folder:
         tmp = Path(folder)
-        spec = _study(tmp, trials, epochs)
+        spec = _study(tmp, trials, epochs, every_checkpoint)
         # Creating an MLflow database runs its migrations (seconds of CPU), once per store in
         # real use: do it before the clock starts, as for any study after the first.
         from mlflow import MlflowClient
@@ -136,17 +141,23 @@ def run(quick: bool = False) -> str:
     ray_start = time.time() - start
     rows = []
     try:
-        # (reuse workers, epochs): Tune's start-up is a fixed cost, so the ratio depends on how
-        # long the trials are; both lengths are reported, each measured in this run.
+        # (reuse workers, epochs, keep every checkpoint): Tune's start-up is a fixed cost, so the
+        # ratio depends on how long the trials are; every length is measured in this run.
         cases = (
-            [(True, EPOCHS)]
+            [(True, EPOCHS, False)]
             if quick
-            else [(True, EPOCHS), *((True, e) for e in LONG_EPOCHS), (False, EPOCHS)]
+            else [
+                (True, EPOCHS, False),
+                *((True, e, False) for e in LONG_EPOCHS),
+                (True, LONG_EPOCHS[0], True),
+                (False, EPOCHS, False),
+            ]
         )
-        for reuse, epochs in cases:
-            m = _measure(trials, epochs, concurrency, reuse)
+        for reuse, epochs, every_checkpoint in cases:
+            m = _measure(trials, epochs, concurrency, reuse, every_checkpoint)
+            kept = f"every {CHECKPOINT_EVERY} epochs" if every_checkpoint else "default"
             rows.append(
-                f"| {'reused' if reuse else 'new per trial'} | {epochs} | {trials} "
+                f"| {'reused' if reuse else 'new per trial'} | {epochs} | {kept} | {trials} "
                 f"| {m['mean_trial']:.1f} "
                 f"| {m['mean_report']:.2f} "
                 f"| {m['wall']:.1f} | {m['trial_s'] / concurrency:.1f} | **{m['ratio']:.2f}** "
@@ -162,17 +173,18 @@ def run(quick: bool = False) -> str:
         [
             "## Ray Tune overhead (`samstudy study`)",
             "",
-            f"{trials} digits + MLP trials (1 CPU and 1 thread each, a "
-            f"checkpoint every {CHECKPOINT_EVERY} epochs, an existing sqlite MLflow store) on a "
+            f"{trials} digits + MLP trials (1 CPU and 1 thread each, `checkpoint_every: "
+            f"{CHECKPOINT_EVERY}`, an existing sqlite MLflow store) on a "
             f"local Ray with {concurrency} slots. Ray start (not timed, like a running cluster): "
             f"{ray_start:.1f} s. Load average at the end: {load:.1f}.",
             "",
-            "| worker processes | epochs | trials | mean trial s | mean time in tune.report s "
+            "| worker processes | epochs | checkpoints kept | trials | mean trial s "
+            "| mean time in tune.report s "
             "| study wall s | sum(trial)/slots s | overhead ratio (target <= 1.15) "
             "| ratio, trial incl. tune.report | ratio once the first trial runs "
             "| ratio vs pure training | first trial "
             "running after s | slot idle between trials, median / max s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
             "Study wall time runs from the `run_study` call to its return (MLflow flushed). "
@@ -185,7 +197,11 @@ def run(quick: bool = False) -> str:
             "counts only the trainer's `epoch_time`. 'First trial running after' is Tune's "
             "set-up plus a new worker process importing Ray Tune (paid once per worker); the "
             "slot idle time between trials is the per-trial overhead of a reused worker. The "
-            "Tune driver and MLflow writer share the 2 cores with the 2 trials.",
+            "Tune driver and MLflow writer share the 2 cores with the 2 trials. Checkpoints kept "
+            "'default': the study's `checkpoint_min_s: 10`, so a trial of a few seconds hands "
+            "Tune no checkpoint but its last epoch's (if any); 'every 5 epochs' "
+            "(`checkpoint_min_s: 0`) shows what Tune's checkpoint handling costs (a driver round trip each, and a "
+            "snapshot of the experiment state every `num_to_keep` = 2 of a trial).",
             "",
         ]
     )

@@ -174,7 +174,9 @@ class KillWorkerOnce(tune.Callback):
 def test_killed_worker_resumes_from_checkpoint_without_duplicate_steps(
     local_ray: None, tmp_path: Path
 ) -> None:
-    spec = make_study(tmp_path, "killed", base={"epochs": 8, "checkpoint_every": 1})
+    spec = make_study(
+        tmp_path, "killed", base={"epochs": 8, "checkpoint_every": 1}, checkpoint_min_s=0
+    )
     killer = KillWorkerOnce(at_epoch=3)
     result = run_study(spec, callbacks=[killer], max_failures=2, out=io.StringIO())
     assert killer.killed_pid is not None

@@ -33,6 +33,7 @@ def write_study(tmp: Path) -> Path:
             "checkpoint_every": 1,
         },
         "grid": {"seed": [0, 1, 2, 3]},
+        "checkpoint_min_s": 0,  # every epoch's checkpoint kept: the rerun resumes mid-trial
         "storage_path": str(tmp / "ray"),
         "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
     }

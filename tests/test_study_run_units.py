@@ -216,6 +216,30 @@ def test_epoch_batcher_holds_short_epochs_and_sends_each_once() -> None:
     assert all(m[EARLIER_EPOCHS] is not batcher.held for m, _ in sent)
 
 
+def test_epoch_batcher_keeps_a_checkpoint_at_most_every_checkpoint_min_s() -> None:
+    from samstudy.study.runner import EpochBatcher, epoch_results
+
+    sent: list[tuple[dict, object]] = []
+    clock = _Clock()
+    batcher = EpochBatcher(
+        lambda m, s: sent.append((m, s)), batch_s=1.0, checkpoint_min_s=10.0, clock=clock
+    )
+    for n in range(1, 25):  # an epoch and a checkpoint every second
+        clock.now += 1.0
+        batcher({"epoch": n, "status": "running"}, state={"epoch": n})
+    batcher({"epoch": 25, "status": "completed"}, state={"epoch": 25})  # the last is kept
+    kept = [s["epoch"] for _, s in sent if s is not None]
+    assert kept == [10, 20, 25]  # 10 s after the start, then 10 s after the last one kept
+    # a dropped checkpoint's epoch still goes out once (here at once: a second has passed)
+    assert [e["epoch"] for m, _ in sent for e in epoch_results(m)] == list(range(1, 26))
+
+    every: list[object] = []
+    exact = EpochBatcher(lambda m, s: every.append(s), batch_s=1.0, clock=_Clock())
+    for n in (1, 2, 3):  # checkpoint_min_s = 0: each checkpoint kept, even at no elapsed time
+        exact({"epoch": n, "status": "running"}, state={"epoch": n})
+    assert every == [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]
+
+
 def test_epoch_batcher_flush_after_an_error_and_batch_zero() -> None:
     from samstudy.study.runner import EpochBatcher, epoch_results
 

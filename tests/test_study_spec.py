@@ -438,6 +438,11 @@ BAD = [
         ["max_concurrent", "greater than or equal to 1"],
     ),
     (
+        "negative checkpoint_min_s",
+        BASE + "checkpoint_min_s: -1\n",
+        ["checkpoint_min_s", "greater than or equal to 0"],
+    ),
+    (
         "unknown model",
         BASE.replace("name: mlp", "name: resnet19"),
         ["base.model.name", "resnet18"],

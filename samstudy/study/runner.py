@@ -178,6 +178,7 @@ def trainable(
     study: StudySpec | None = None,
     root: str | None = None,
     batch_s: float = REPORT_BATCH_S,
+    checkpoint_min_s: float = 0.0,
 ) -> None:
     """Ray Tune function trainable: one samstudy trial.
 
@@ -188,7 +189,9 @@ def trainable(
     Epochs are reported in batches (:class:`EpochBatcher`): ``tune.report`` waits for a round
     trip to Tune's driver (~10 ms), which for epochs of a few milliseconds would be most of a
     short trial's Tune overhead. ``batch_s = 0`` reports every epoch (for schedulers that act on
-    each result, such as ASHA). If the trial raises, the held epochs are sent first.
+    each result, such as ASHA). If the trial raises, the held epochs are sent first. A
+    checkpoint less than ``checkpoint_min_s`` after the last one kept (or the trial's start) is
+    dropped, except on the last epoch (the study's ``checkpoint_min_s``).
 
     Every result carries worker-side clocks (left out of MLflow by their ``_`` prefix):
     ``TRIAL_CLOCK`` (seconds since this call started, imports included), ``REPORT_CLOCK``
@@ -232,7 +235,7 @@ def trainable(
             tune.report(metrics, checkpoint=ckpt)
             in_report += time.perf_counter() - begin
 
-    batcher = EpochBatcher(send, batch_s)
+    batcher = EpochBatcher(send, batch_s, checkpoint_min_s)
     try:
         run_trial(trial["config"], batcher, resume=resume)
     except Exception:
@@ -246,27 +249,36 @@ class EpochBatcher:
     An epoch is held while less than ``batch_s`` seconds passed since the last send; it goes out
     later with the next result sent, under ``EARLIER_EPOCHS``. A result is sent at once when it
     carries a checkpoint (nothing before a checkpoint can be lost), is the last one (status
-    other than ``running``), or ``batch_s`` has passed. Every epoch gets ``WALL_TIME``.
+    other than ``running``), or ``batch_s`` has passed. A checkpoint that comes less than
+    ``checkpoint_min_s`` after the last one sent (or after the start) is dropped, unless it is
+    the last epoch's. Every epoch gets ``WALL_TIME``.
     """
 
     def __init__(
         self,
         send: Callable[[dict[str, Any], dict[str, Any] | None], None],
         batch_s: float,
+        checkpoint_min_s: float = 0.0,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.send = send
         self.batch_s = batch_s
+        self.checkpoint_min_s = checkpoint_min_s
         self.clock = clock
         self.held: list[dict[str, Any]] = []
-        self.last_sent = clock()
+        self.last_sent = self.last_checkpoint = clock()
 
     def __call__(self, metrics: Mapping[str, Any], state: dict[str, Any] | None = None) -> None:
         metrics = {WALL_TIME: time.time(), **metrics}
         final = metrics.get("status") != "running"
-        if state is None and not final and self.clock() - self.last_sent < self.batch_s:
+        now = self.clock()
+        if state is not None and not final and now - self.last_checkpoint < self.checkpoint_min_s:
+            state = None
+        if state is None and not final and now - self.last_sent < self.batch_s:
             self.held.append(metrics)
             return
+        if state is not None:
+            self.last_checkpoint = now
         self._send(metrics, state)
 
     def flush(self) -> None:
@@ -417,6 +429,19 @@ class _Dispatch(Callback):
     def on_experiment_end(self, **info: Any) -> None:
         for cb in list(_ACTIVE):
             cb.on_experiment_end(**info)
+
+
+class _DropEarlierEpochs(Callback):
+    """Last in the run config: the batched epochs leave the result once the loggers have it.
+
+    Tune keeps each trial's last result and writes it into every snapshot of its experiment
+    state (one per ``num_to_keep`` checkpoints of a trial, on the driver). With up to a second of
+    epochs batched in it, that JSON was most of the driver's snapshot time; ``result.json`` (the
+    JSON logger, before this) keeps every epoch for :func:`reconcile`.
+    """
+
+    def on_trial_result(self, result: dict, **info: Any) -> None:
+        result.pop(EARLIER_EPOCHS, None)  # Tune lets callbacks edit the result in place
 
 
 class TrialResolver:
@@ -812,12 +837,15 @@ def run_study(
                 replayed = reconcile(files, resolver, tracker, state)
                 logger.info("reconciled %d Tune results with MLflow", replayed)
             resources = {"cpu": study.resources.cpus, "gpu": study.resources.gpus}
-            if study.search is None:
-                fn: Callable[..., Any] = trainable
-            else:
-                # ASHA decides at each rung epoch: give it every epoch as it ends
-                batch_s = 0.0 if study.search.asha is not None else REPORT_BATCH_S
-                fn = tune.with_parameters(trainable, study=study, root=str(root), batch_s=batch_s)
+            # ASHA decides at each rung epoch: give it every epoch as it ends
+            asha = study.search is not None and study.search.asha is not None
+            fn: Callable[..., Any] = tune.with_parameters(
+                trainable,
+                study=study if study.search is not None else None,
+                root=str(root),
+                batch_s=0.0 if asha else REPORT_BATCH_S,
+                checkpoint_min_s=study.checkpoint_min_s,
+            )
             fn = tune.with_resources(fn, resources)
             total = len(trials) if study.search is None else study.search.num_samples
             done = sum(1 for v in state["trials"].values() if v["status"] in DONE_STATUSES)
@@ -847,7 +875,7 @@ def run_study(
                         storage_path=storage,
                         failure_config=tune.FailureConfig(max_failures=max_failures),
                         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                        callbacks=[_Dispatch(), JsonLoggerCallback()],
+                        callbacks=[_Dispatch(), JsonLoggerCallback(), _DropEarlierEpochs()],
                         verbose=0,
                     ),
                 )

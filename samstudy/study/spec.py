@@ -210,6 +210,11 @@ class StudySpec(_Strict):
     max_concurrent: int | None = Field(None, ge=1)
     tracking: Tracking = Tracking()
     storage_path: str | None = None
+    # Each checkpoint handed to Tune costs a round trip to its driver and, every few, a snapshot
+    # of its experiment state: for epochs of milliseconds that outweighs what a retry would redo.
+    checkpoint_min_s: float = Field(
+        10.0, ge=0, description="seconds of a trial's run between checkpoints kept; 0 = every one"
+    )
 
     _base_raw: dict[str, Any] = PrivateAttr(default_factory=dict)
     _path: Path = PrivateAttr(default=Path("<memory>"))
