@@ -89,10 +89,13 @@ def test_interrupted_driver_resumes_with_one_run_per_trial(tmp_path: Path) -> No
     study = write_study(tmp_path)
 
     first = driver(study)
-    run_until(first, "epoch 2/")
+    early = "".join(run_until(first, "epoch 2/"))
     first.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
     code, out = finish(first)
     assert code == 1 and "interrupted" in out, out
+    # the study's own view only: no Tune configuration box or results path in between
+    assert "Configuration for experiment" not in early + out, early + out
+    assert "View detailed results" not in early + out
 
     second = driver(study)
     run_until(second, "resuming study")
@@ -103,6 +106,7 @@ def test_interrupted_driver_resumes_with_one_run_per_trial(tmp_path: Path) -> No
     third = driver(study)
     code, out = finish(third)
     assert code == 0 and "resuming study" in out and "complete" in out, out
+    assert "Configuration for experiment" not in out, out
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

@@ -910,12 +910,14 @@ def _tune_switches(restoring: bool) -> dict[str, str]:
 
     No CSV and TensorBoard loggers (driver CPU and an fsync per result, read by nothing here);
     the JSON one, whose ``result.json`` :func:`reconcile` reads, is in the run config. A
-    restored experiment brings its own pickled callbacks, so it keeps Tune's defaults.
+    restored experiment brings its own pickled callbacks, so it keeps Tune's defaults. Tune's
+    legacy console output, silent at ``verbose=0``: the newer one prints a configuration box
+    and a results path into the study's own progress view even then.
     (Tune's own result buffering, ``TUNE_RESULT_BUFFER_LENGTH``, is not used: Ray 2.60's
     controller passes its two arguments to ``train_buffered`` in swapped order; the trainable
     batches its epochs itself, see :func:`trainable`.)
     """
-    switches: dict[str, str] = {}
+    switches = {"RAY_AIR_NEW_OUTPUT": "0"}
     if not restoring:
         switches["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     return switches
