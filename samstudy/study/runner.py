@@ -841,7 +841,7 @@ def run_study(
             asha = study.search is not None and study.search.asha is not None
             fn: Callable[..., Any] = tune.with_parameters(
                 trainable,
-                study=study if study.search is not None else None,
+                study=study,
                 root=str(root),
                 batch_s=0.0 if asha else REPORT_BATCH_S,
                 checkpoint_min_s=study.checkpoint_min_s,
