@@ -112,6 +112,15 @@ def boundary_pairs() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(g, dtype=torch.float32), torch.tensor(gp, dtype=torch.float32)
 
 
+def boundary_and_random_pairs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The boundary pairs followed by ``n`` random ones (a compiled kernel sees both)."""
+    g, gp = boundary_pairs()
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([g, torch.randn(n, generator=gen)]), torch.cat(
+        [gp, torch.randn(n, generator=gen)]
+    )
+
+
 def assert_direction(table, g, gp, d):
     for gi, pi, di in zip(g.tolist(), gp.tolist(), d.tolist(), strict=True):
         want = ref_direction(table, gi, pi)
@@ -233,10 +242,7 @@ def test_counts_per_tensor_follow_the_segments():
 
 @pytest.mark.slow
 def test_compiled_rule_matches_eager():
-    g, gp = boundary_pairs()
-    gen = torch.Generator().manual_seed(0)
-    g = torch.cat([g, torch.randn(1000, generator=gen)])
-    gp = torch.cat([gp, torch.randn(1000, generator=gen)])
+    g, gp = boundary_and_random_pairs(1000, seed=0)
     table = TABLES["dense"]
     d_eager, c_eager = run_rule(table, g, gp)
     d_comp, c_comp = run_rule(table, g, gp, compile=True)
@@ -332,10 +338,7 @@ def test_one_compiled_rule_serves_every_table():
 
     import torch._dynamo
 
-    g, gp = boundary_pairs()
-    gen = torch.Generator().manual_seed(1)
-    g = torch.cat([g, torch.randn(2000, generator=gen)])
-    gp = torch.cat([gp, torch.randn(2000, generator=gen)])
+    g, gp = boundary_and_random_pairs(2000, seed=1)
     tables = [TABLES["dense"], preset_table("sgd_where_agree"), preset_table("saner", alpha=0.3)]
     tables += [tuple((0.1 * k + j, 1.0 - j) for j in range(4)) for k in range(10)]
     run_rule(tables[0], g, gp, compile=True)  # compiled for these shapes
