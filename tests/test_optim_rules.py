@@ -79,7 +79,8 @@ def run_rule(table, g: torch.Tensor, gp: torch.Tensor, compile: bool = False, fl
     # the measured dot products come from the same pass
     g64, gp64 = g.double(), gp.double()
     want = torch.stack([g64 @ gp64, gp64 @ gp64])
-    if (g64.abs().max() * gp64.abs().max()).item() * n < 1e37:  # no float32 overflow
+    # no float32 overflow in either dot product (g . g_p, and g_p . g_p)
+    if (gp64.abs().max() * torch.maximum(g64.abs().max(), gp64.abs().max())).item() * n < 1e37:
         scale = (g64.abs() * gp64.abs()).sum() + (gp64 * gp64).sum()
         assert ((dots - want).abs() <= 1e-5 * scale + 1e-40).all(), (dots, want)
     if D is None:
