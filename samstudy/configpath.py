@@ -12,9 +12,11 @@ import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 PathPart = str | int
 
@@ -44,6 +46,14 @@ def closest(word: str, choices: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
+def unknown_value_message(value: Any, allowed: Iterable[Any]) -> str:
+    """``unknown 'asam' (did you mean 'sam'?); allowed: sam, adaptive, clamp``."""
+    allowed = [str(a) for a in allowed]
+    hint = closest(str(value), allowed) if isinstance(value, str) else None
+    did_you_mean = f" (did you mean {hint!r}?)" if hint else ""
+    return f"unknown {value!r}{did_you_mean}; allowed: {', '.join(allowed)}"
+
+
 def unknown_key_message(
     key: str, allowed: Iterable[str], what: str = "key", where: str = ""
 ) -> str:
@@ -59,73 +69,150 @@ def _is_model(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
-def _unwrap_optional(annotation: Any) -> Any:
-    """``X | None`` -> ``X``; a union with exactly one pydantic section -> that section."""
+def _unwrap(annotation: Any) -> Any:
+    """``Annotated[X, ...]`` -> X; ``X | None`` -> X (a union of several types stays)."""
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return _unwrap(args[0])
+    return annotation
+
+
+def tagged_members(annotation: Any) -> dict[str, type[BaseModel]]:
+    """The members of a tagged union of sections, by tag (``{"same": SameOptimizer, ...}``).
+
+    A tagged union (the ``optimizer:`` mapping, one section per preset) is a union of pydantic
+    models that each fix one shared field to a single literal; pydantic puts that tag into an
+    error's location, and :func:`locate` takes it out again. Anything else: ``{}``.
+    """
+    annotation = _unwrap(annotation)
     if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
-        return annotation
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    models = [a for a in args if _is_model(a)]
-    if len(models) == 1:
-        return models[0]
-    return args[0] if len(args) == 1 else annotation
+        return {}
+    members = typing.get_args(annotation)
+    if not members or not all(_is_model(m) for m in members):
+        return {}
+    out: dict[str, type[BaseModel]] = {}
+    for member in members:
+        for info in member.model_fields.values():
+            args = typing.get_args(info.annotation)
+            if typing.get_origin(info.annotation) is typing.Literal and len(args) == 1:
+                out[str(args[0])] = member
+                break
+    return out if len(out) == len(members) else {}
+
+
+def section_keys(annotation: Any) -> list[str] | None:
+    """The keys a section accepts (every member's, for a tagged union); None if not a section."""
+    members = tagged_members(annotation)
+    if members:
+        keys: dict[str, None] = {}
+        for member in members.values():
+            keys.update(dict.fromkeys(member.model_fields))
+        return list(keys)
+    annotation = _unwrap(annotation)
+    return list(annotation.model_fields) if _is_model(annotation) else None
+
+
+def _field(annotation: Any, key: str) -> FieldInfo | None:
+    """The field ``key`` of a section or of any member of a tagged union."""
+    members = tagged_members(annotation)
+    for model in members.values() if members else [_unwrap(annotation)]:
+        if _is_model(model) and key in model.model_fields:
+            return model.model_fields[key]
+    return None
+
+
+def _item(annotation: Any, index: int) -> Any:
+    """The type of item ``index`` of a list or tuple annotation (Any when unknown)."""
+    args = [a for a in typing.get_args(_unwrap(annotation)) if a is not Ellipsis]
+    if not args:
+        return Any
+    return args[index] if len(args) > 1 and index < len(args) else args[0]
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a pydantic error location points: the path a user wrote, and its schema."""
+
+    parts: tuple[PathPart, ...]  # union tags removed
+    field: FieldInfo | None  # the innermost named field on the way (a list item: its list's)
+    name: str | None  # that field's key
+    annotation: Any  # the type at the location
+
+
+def locate(root: Any, loc: Iterable[Any]) -> Location:
+    """Follow a pydantic error location through ``root``'s schema, dropping union tags."""
+    annotation: Any = root
+    parts: list[PathPart] = []
+    field: FieldInfo | None = None
+    name: str | None = None
+    for part in loc:
+        members = tagged_members(annotation)
+        if isinstance(part, str) and part in members:
+            annotation = members[part]  # a union tag, not something the user wrote
+            continue
+        parts.append(part)
+        if isinstance(part, int):
+            annotation = _item(annotation, part)
+            continue
+        info = _field(annotation, part)
+        if info is not None:
+            field, name, annotation = info, part, info.annotation
+        elif typing.get_origin(_unwrap(annotation)) in (dict, Mapping):
+            args = typing.get_args(_unwrap(annotation))
+            annotation = args[1] if len(args) == 2 else Any
+        else:
+            annotation = Any
+    return Location(tuple(parts), field, name, annotation)
 
 
 def check_path(model_cls: type[BaseModel], path: str) -> list[PathPart]:
     """Check that ``path`` can address a leaf of ``model_cls``; return its parts.
 
-    Pydantic sections are checked field by field (with a 'did you mean'); free-form mappings
-    (``optimizer``, ``model.kwargs``) accept any key because their own validators name the knob;
-    lists accept integer indices (the index is checked against the actual list when it is set).
+    Pydantic sections are checked field by field (with a 'did you mean'), the optimizer's tagged
+    union against the knobs of every preset; free-form mappings (``model.kwargs``) accept any key
+    because their own validators name the argument; lists accept integer indices (the index is
+    checked against the actual list when it is set).
     """
     parts = parse_path(path)
     annotation: Any = model_cls
     walked: list[str] = []
     for part in parts:
-        annotation = _unwrap_optional(annotation)
         where = ".".join(walked) or "the trial config"
-        if _is_model(annotation):
+        keys = section_keys(annotation)
+        plain = _unwrap(annotation)
+        if keys is not None:
             if isinstance(part, int):
                 raise PathError(f"{where} is a section, not a list; it has no index {part}")
-            fields = annotation.model_fields
-            if part not in fields:
-                raise PathError(unknown_key_message(part, fields, where=".".join(walked)))
-            annotation = fields[part].annotation
+            info = _field(annotation, part)
+            if info is None:
+                raise PathError(unknown_key_message(part, keys, where=".".join(walked)))
+            annotation = info.annotation
         else:
-            origin = typing.get_origin(annotation)
-            if annotation is Any:
-                pass  # free-form value (an optimizer knob): keys and list indices both allowed
-            elif origin in (dict, Mapping) or annotation is dict:
+            origin = typing.get_origin(plain)
+            if plain is Any:
+                pass  # free-form value: keys and list indices both allowed
+            elif origin in (dict, Mapping) or plain is dict:
                 if isinstance(part, int):
                     raise PathError(f"{where} is a mapping; use a key, not index {part}")
-                args = typing.get_args(annotation)
+                args = typing.get_args(plain)
                 annotation = args[1] if len(args) == 2 else Any
-            elif origin in (list, tuple) or annotation in (list, tuple):
+            elif origin in (list, tuple) or plain in (list, tuple):
                 if not isinstance(part, int):
                     raise PathError(f"{where} is a list; address an item as {where}.0")
-                args = typing.get_args(annotation)
-                annotation = args[0] if args else Any
+                annotation = _item(plain, part)
             else:
-                kind = getattr(annotation, "__name__", str(annotation))
+                kind = getattr(plain, "__name__", str(plain))
                 raise PathError(f"{where} is a value ({kind}), it has no {part!r}")
         walked.append(str(part))
     return parts
 
 
 def fields_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
-    """Field names of the pydantic section at ``loc`` (for 'allowed:' lists), if it is one."""
-    annotation: Any = root
-    for part in loc:
-        annotation = _unwrap_optional(annotation)
-        if _is_model(annotation):
-            if part not in annotation.model_fields:
-                return None
-            annotation = annotation.model_fields[part].annotation
-        elif typing.get_origin(annotation) is dict:
-            annotation = typing.get_args(annotation)[1]
-        else:
-            return None
-    annotation = _unwrap_optional(annotation)
-    return list(annotation.model_fields) if _is_model(annotation) else None
+    """Keys of the section at ``loc`` (for 'allowed:' lists), if it is one."""
+    return section_keys(locate(root, loc).annotation)
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

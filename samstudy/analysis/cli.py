@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from samstudy.analysis.schema import DEFAULT_ROOT
 
@@ -34,26 +33,12 @@ def export_source(
     experiment: str | None = None,
     studies_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[str, str]:
-    """The (tracking URI, experiment) a study logged to, with the runner's precedence.
+    """The (tracking URI, experiment) a study logged to, by the runner's own precedence
+    (``samstudy.settings.tracking_target``); the study file (``<studies_dir>/NAME.yaml``,
+    default ``./studies``, else ``<project root>/studies``) contributes its ``tracking:`` block."""
+    from samstudy.settings import study_tracking, tracking_target
 
-    URI: ``tracking_uri``, then the study file's ``tracking.tracking_uri``, then
-    ``$MLFLOW_TRACKING_URI``, then ``sqlite:///<project root>/mlflow.db``; experiment:
-    ``experiment``, then the study file's ``tracking.experiment``, then ``name``. The study file
-    is ``<studies_dir>/NAME.yaml`` (default: ``./studies``, else ``<project root>/studies``);
-    without one only the explicit values and the defaults apply.
-    """
-    from samstudy.paths import project_root, resolve_tracking_uri
-
-    if studies_dir is None:
-        studies_dir = "studies" if Path("studies").is_dir() else project_root() / "studies"
-    study_uri = None
-    if (Path(studies_dir) / f"{name}.yaml").is_file() and not (tracking_uri and experiment):
-        from samstudy.study import load_study
-
-        spec = load_study(name, studies_dir)
-        study_uri = spec.tracking.tracking_uri
-        experiment = experiment or spec.experiment
-    return resolve_tracking_uri(tracking_uri or study_uri), experiment or name
+    return tracking_target(name, tracking_uri, experiment, study_tracking(name, studies_dir))
 
 
 def export_main(argv: list[str] | None = None) -> int:
@@ -89,7 +74,6 @@ def export_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from samstudy.analysis.export import StudyNotFoundError, export_study
-    from samstudy.study import StudyError
 
     try:
         tracking_uri, experiment = export_source(
@@ -103,7 +87,7 @@ def export_main(argv: list[str] | None = None) -> int:
             best_mode=args.best_mode,
             experiment=experiment,
         )
-    except (StudyNotFoundError, StudyError, ValueError) as error:
+    except (StudyNotFoundError, ValueError) as error:
         print(f"samstudy export: {error}", file=sys.stderr)
         return 1
     print(result.summary())

@@ -64,7 +64,7 @@ def log_study(
     """Log a study with the MLflow client; returns ``{trial_id: run_id}``."""
     from mlflow.entities import Metric, Param
 
-    from samstudy.study.tracking import flatten_params
+    from samstudy.identity import mlflow_params
 
     exp = client.get_experiment_by_name(study)
     exp_id = exp.experiment_id if exp else client.create_experiment(study)
@@ -88,7 +88,7 @@ def log_study(
         run = client.create_run(exp_id, run_name=trial.run_name, tags=tags)
         run_id = run.info.run_id
         # the study tracker's own writer (flatten_config + its string format): one params format
-        params = [Param(k, v) for k, v in flatten_params(trial.params).items()]
+        params = [Param(k, v) for k, v in mlflow_params(trial.params).items()]
         metrics = [
             Metric(key, float(value), BASE_TIME_MS + epoch * epoch_ms, epoch)
             for key, values in trial.metrics.items()

@@ -2,53 +2,71 @@
 
 * ascent (``sam`` | ``adaptive`` | ``clamp``, optionally per micro-batch of ``m`` examples),
 * second gradient (``full`` | ``jacobian`` | ``logit``),
-* combination d = a_k g_p + b_k g by region of g_p / g (the presets of ``PRESETS``).
+* combination d = a_k g_p + b_k g by region of g_p / g (the registered presets, ``PRESETS``).
 
 ``create_optimizer(params, name=..., base=..., lr=..., rho=..., **knobs)`` builds one;
 ``opt.train_step(model, loss_fn, inputs, targets)`` is the one code path of a training step.
 See docs/optimizers.md for every formula.
+
+The registry and the typed config (``presets``, ``config``) import pydantic only; what needs
+torch is imported on first use, so validating a study file does not load torch.
 """
 
-from samstudy.optim import bn
-from samstudy.optim.ascent import ASCENTS, AscentConfig
-from samstudy.optim.factory import (
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from samstudy.optim.config import (
+    ASCENTS,
     BASE_KNOBS,
     BASES,
-    OptimizerSpec,
+    RECIPE,
+    SECOND_GRADS,
+    OptimizerBase,
+    OptimizerConfig,
     check_optimizer_config,
-    create_optimizer,
     parse_optimizer_config,
-)
-from samstudy.optim.rules import (
-    PRESETS,
-    REGION_KEYS,
-    REGIONS,
-    RegionRule,
     preset_table,
-    region_index,
 )
-from samstudy.optim.sam import SAM
-from samstudy.optim.stats import STAT_KEYS
-from samstudy.optim.step import SECOND_GRADS, SamOptimizer
+from samstudy.optim.presets import PRESETS, REGION_KEYS, REGIONS, Preset, register_preset
+
+# name -> module of the torch-backed parts
+_LAZY = {
+    "AscentConfig": "samstudy.optim.ascent",
+    "RegionRule": "samstudy.optim.rules",
+    "region_index": "samstudy.optim.rules",
+    "SAM": "samstudy.optim.sam",
+    "STAT_KEYS": "samstudy.optim.stats",
+    "SamOptimizer": "samstudy.optim.step",
+    "create_optimizer": "samstudy.optim.factory",
+    "bn": "samstudy.optim.bn",
+}
 
 __all__ = [
     "ASCENTS",
     "BASES",
     "BASE_KNOBS",
     "PRESETS",
+    "RECIPE",
     "REGIONS",
     "REGION_KEYS",
-    "SAM",
     "SECOND_GRADS",
-    "STAT_KEYS",
-    "AscentConfig",
-    "OptimizerSpec",
-    "RegionRule",
-    "SamOptimizer",
-    "bn",
+    "OptimizerBase",
+    "OptimizerConfig",
+    "Preset",
     "check_optimizer_config",
-    "create_optimizer",
     "parse_optimizer_config",
     "preset_table",
-    "region_index",
+    "register_preset",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'samstudy.optim' has no attribute {name!r}")
+    if name == "bn":
+        return importlib.import_module(module)
+    return getattr(importlib.import_module(module), name)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-ASCENTS = ("sam", "adaptive", "clamp")
+from samstudy.optim.config import DEFAULT_CLAMP_RMS
+
 EPS = 1e-12  # the port's guard against a zero gradient
 
 
@@ -121,5 +122,3 @@ def _clamp_threshold(cfg: AscentConfig, e: Sequence[torch.Tensor]) -> torch.Tens
     rms = global_norm(e) / math.sqrt(n)
     return (cfg.clamp_rms if cfg.clamp_rms is not None else DEFAULT_CLAMP_RMS) * rms
 
-
-DEFAULT_CLAMP_RMS = 3.0

@@ -10,7 +10,8 @@ ckpt4  -1 < r <= 0  opposite sign or g_p = 0, |g_p| < |g|
 zero   undefined    g = 0 (there d = g_p)
 =====  ===========  ================================================
 
-Every preset is a 4x2 table of coefficients (a_k, b_k), one row per region.
+Every preset is a 4x2 table of coefficients (a_k, b_k), one row per region
+(``samstudy.optim.presets``); this module applies a table.
 
 Implementation: with h = g_p * (g / |g|) (g_p's component along sign(g): exact, because g / |g| is
 exactly +-1, and NaN where g = 0) the regions are intervals of h cut at -|g|, 0 and |g|:
@@ -22,45 +23,23 @@ region counts of the statistics.
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from samstudy.optim.config import COMPILE_MODES
 from samstudy.optim.flat import BLOCK, FlatSpace
+from samstudy.optim.presets import IDENTITY, SAM_ROW, SGD_ROW, Table
 
-REGIONS = ("ckpt1", "ckpt2", "ckpt3", "ckpt4")
-REGION_KEYS = (*REGIONS, "zero")
-
-PRESETS = (
-    "sgd",
-    "sam",
-    "same",
-    "custom_same",
-    "sam_magnitude_sgd_sign",
-    "sgd_magnitude_sam_sign",
-    "sam_where_agree",
-    "sgd_where_agree",
-    "saner",
-    "sgd_on_region",
-    "table",
-)
-
-Table = tuple[tuple[float, float], tuple[float, float], tuple[float, float], tuple[float, float]]
 Operand = torch.Tensor | list[torch.Tensor]  # a flat buffer, or one tensor per parameter
-
-SAM_ROW = (1.0, 0.0)
-SGD_ROW = (0.0, 1.0)
-IDENTITY: Table = (SAM_ROW, SAM_ROW, SAM_ROW, SAM_ROW)
 
 # One compiled rule per (want d, measure) per process; the table is an argument, so a worker that
 # runs many tables (a search over coefficients) compiles once per model shape, not per table
 # (torch.compile silently stops compiling a function after 8 variants).
 _COMPILED: dict[tuple[bool, bool], Callable[..., None]] = {}
 
-COMPILE_MODES = (True, False, "auto")
 # ``compile: auto`` compiles the rule for CPU parameter sets at least this large: there one
 # fused kernel saves tens of milliseconds per step (ResNet-18: the eager ``table`` rule is ~60 ms
 # at 2 threads, compiled ~16 ms), and the one-off compile (2-20 s) is repaid within an epoch.
@@ -69,45 +48,6 @@ AUTO_COMPILE_MIN_NUMEL = 1 << 20
 
 # Threshold masks, in the column order of the per-tensor count matrix.
 THRESHOLDS = ("gt0", "ge", "le0", "le")
-
-
-def preset_table(
-    name: str,
-    *,
-    scales: Sequence[float] | None = None,
-    alpha: float | None = None,
-    region: int | None = None,
-    coefficients: Sequence[Sequence[float]] | None = None,
-) -> Table:
-    """The (a_k, b_k) rows for ckpt1..ckpt4 of preset ``name`` (knobs already validated)."""
-    if name in ("sgd",):
-        return (SGD_ROW, SGD_ROW, SGD_ROW, SGD_ROW)
-    if name == "sam":
-        return IDENTITY
-    if name in ("same", "custom_same"):
-        assert scales is not None
-        s1, s2, s3, s4 = (float(s) for s in scales)
-        return ((1.0 + s1, 0.0), (1.0 + s2, 0.0), (1.0 + s3, 0.0), (1.0 + s4, 0.0))
-    if name == "sam_magnitude_sgd_sign":
-        return ((1.0, 0.0), (1.0, 0.0), (-1.0, 0.0), (-1.0, 0.0))
-    if name == "sgd_magnitude_sam_sign":
-        return ((0.0, 1.0), (0.0, 1.0), (0.0, -1.0), (0.0, -1.0))
-    if name == "sam_where_agree":
-        return ((1.0, 0.0), (1.0, 0.0), (0.0, 0.0), (0.0, 0.0))
-    if name == "sgd_where_agree":
-        return ((0.0, 1.0), (0.0, 1.0), (0.0, 0.0), (0.0, 0.0))
-    if name == "saner":
-        assert alpha is not None
-        return ((1.0, 0.0), (float(alpha), 0.0), (1.0, 0.0), (1.0, 0.0))
-    if name == "sgd_on_region":
-        assert region is not None
-        rows = [SAM_ROW] * 4
-        rows[int(region) - 1] = SGD_ROW
-        return tuple(rows)  # type: ignore[return-value]
-    if name == "table":
-        assert coefficients is not None
-        return tuple((float(a), float(b)) for a, b in coefficients)  # type: ignore[return-value]
-    raise ValueError(f"optimizer.name: unknown {name!r}; allowed: {', '.join(PRESETS)}")
 
 
 def region_index(g: torch.Tensor, gp: torch.Tensor) -> torch.Tensor:
@@ -360,22 +300,3 @@ def _make_fused(want_d: bool, measure: bool) -> Callable[..., None]:
             dots.copy_(torch.stack([(G32 * P32).sum(), (P32 * P32).sum()]))
 
     return fused
-
-
-def check_table(coefficients: object) -> Table:
-    """Validate an explicit 4x2 coefficient table; ValueError names the knob."""
-    msg = (
-        "optimizer.coefficients: expected 4 rows [a_k, b_k] of finite numbers, one per region "
-        "ckpt1..ckpt4 (d = a_k * g_p + b_k * g)"
-    )
-    if not isinstance(coefficients, (list, tuple)) or len(coefficients) != 4:
-        raise ValueError(f"{msg}; got {coefficients!r}")
-    rows = []
-    for row in coefficients:
-        if not isinstance(row, (list, tuple)) or len(row) != 2:
-            raise ValueError(f"{msg}; got row {row!r}")
-        for v in row:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"{msg}; got value {v!r}")
-        rows.append((float(row[0]), float(row[1])))
-    return tuple(rows)  # type: ignore[return-value]

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from samstudy.optim.rules import REGION_KEYS
+from samstudy.optim.presets import REGION_KEYS
 
 NORM_KEYS = ("grad_norm", "grad_norm_p", "ascent_norm", "grad_cos", "grad_ratio")
 STAT_KEYS = (*(f"region_{k}" for k in REGION_KEYS), *NORM_KEYS)

@@ -39,10 +39,9 @@ from torch.func import functional_call
 from samstudy.optim.ascent import EPS, AscentConfig, ascent, global_norm
 from samstudy.optim.bn import running_stats_frozen
 from samstudy.optim.flat import FlatSpace
-from samstudy.optim.rules import Operand, RegionRule, Table, regions_from_thresholds
+from samstudy.optim.presets import Table
+from samstudy.optim.rules import Operand, RegionRule, regions_from_thresholds
 from samstudy.optim.stats import STAT_KEYS, StepStats
-
-SECOND_GRADS = ("full", "jacobian", "logit")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -84,6 +83,7 @@ class SamOptimizer(torch.optim.Optimizer):
         base_kwargs: dict[str, Any],
         *,
         name: str,
+        two_step: bool,
         table: Table,
         rho: float,
         ascent_cfg: AscentConfig,
@@ -99,7 +99,7 @@ class SamOptimizer(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self.name = name
-        self.two_step = name != "sgd"
+        self.two_step = two_step
         self.rule = RegionRule(table, compile=compile)
         self.ascent_cfg = ascent_cfg
         self.m = m

@@ -4,7 +4,7 @@ Importing this package loads only the study-file schema (pydantic + the trial co
 runner and tracker (Ray, MLflow) are imported by the CLI when a study runs.
 """
 
-from samstudy.study.grid import flatten_config, run_name, trial_id
+from samstudy.identity import flatten_config, run_name, trial_id
 from samstudy.study.plan import estimate_cost, format_plan
 from samstudy.study.spec import (
     SearchSpec,

@@ -17,24 +17,34 @@ from samstudy.study.spec import StudyError, load_study
 
 
 def _studies_dir(value: str | None) -> Path:
-    from samstudy.study.tracking import project_root
+    from samstudy.settings import studies_dir
 
-    if value:
-        return Path(value)
-    local = Path("studies")
-    return local if local.is_dir() else project_root() / "studies"
+    return studies_dir(value)
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a field of the study's base config for every trial, as `samstudy train "
+        "--set` does; VALUE is YAML (repeatable), e.g. optimizer.rho=1e-2",
+    )
 
 
 def plan_main(argv: list[str]) -> int:
     """``samstudy plan NAME``: the expanded trial table, the trial count and the estimated cost."""
-    from samstudy.study.spec import format_plan
+    from samstudy.study.plan import format_plan
 
     parser = argparse.ArgumentParser(prog="samstudy plan", description=plan_main.__doc__)
     parser.add_argument("name", help="study name (studies/NAME.yaml) or path to a study file")
     parser.add_argument("--studies-dir", help="folder of study files (default: ./studies)")
+    _add_set(parser)
     args = parser.parse_args(argv)
     try:
-        spec = load_study(args.name, _studies_dir(args.studies_dir))
+        spec = load_study(args.name, _studies_dir(args.studies_dir), args.overrides)
     except StudyError as exc:
         print(f"samstudy plan: {exc}", file=sys.stderr)
         return 2
@@ -96,15 +106,16 @@ def study_main(argv: list[str]) -> int:
         help="seconds between epoch lines of one trial in the live view (default 10)",
     )
     parser.add_argument("--quiet", action="store_true", help="no live view")
+    _add_set(parser)
     args = parser.parse_args(argv)
     try:
-        spec = load_study(args.name, _studies_dir(args.studies_dir))
+        spec = load_study(args.name, _studies_dir(args.studies_dir), args.overrides)
     except StudyError as exc:
         print(f"samstudy study: {exc}", file=sys.stderr)
         return 2
 
+    from samstudy.settings import TrackingError
     from samstudy.study.runner import RunnerError, run_study
-    from samstudy.study.tracking import TrackingError
 
     try:
         result = run_study(
@@ -151,7 +162,7 @@ def study_main(argv: list[str]) -> int:
 
 def ui_main(argv: list[str]) -> int:
     """``samstudy ui``: the MLflow UI on 127.0.0.1 over the project's tracking store."""
-    from samstudy.study.tracking import default_tracking_uri
+    from samstudy.paths import default_tracking_uri
 
     parser = argparse.ArgumentParser(prog="samstudy ui", description=ui_main.__doc__)
     parser.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -309,8 +310,8 @@ def resolve_trial(
     A search study's sampled points may repeat, so its trial ids get the Tune trial id appended:
     every sample keeps its own MLflow run.
     """
-    if "trial" in config:
-        return dict(config["trial"])
+    if "trial" in config:  # from_dict: a trial of an older version gets its variant
+        return TrialSpec.from_dict(dict(config["trial"])).to_dict()
     if study is None:
         raise RunnerError("a search trial needs its study spec")
     overrides = decode_overrides(study, dict(config["overrides"]))
@@ -773,7 +774,7 @@ def run_study(
     started = time.monotonic()
     trials = study.expand() if study.search is None else []
     trials = [
-        TrialSpec(t.trial_id, t.name, absolute_paths(t.config, root), dict(t.overrides))
+        dataclasses.replace(t, config=absolute_paths(t.config, root))
         for t in trials
     ]
     uri = resolve_tracking_uri(tracking_uri, study.tracking.tracking_uri, root)

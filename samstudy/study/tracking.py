@@ -28,27 +28,28 @@ from pathlib import Path
 from typing import Any
 
 import samstudy
-from samstudy import paths
-from samstudy.paths import default_tracking_uri, project_root
+from samstudy import tags as tags_
+from samstudy.identity import mlflow_params
+from samstudy.paths import project_root
+from samstudy.settings import TrackingError, check_tracking_uri, resolve_tracking_uri  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-ROLE_TAG = "samstudy.role"
-STUDY_TAG = "samstudy.study"
-TRIAL_TAG = "samstudy.trial_id"
-SHA_TAG = "samstudy.study_sha256"
-STATUS_TAG = "samstudy.status"
-GIT_TAG = "samstudy.git_commit"
-VERSION_TAG = "samstudy.version"
-OVERRIDES_TAG = "samstudy.overrides"
-NODE_TAG = "samstudy.node_id"
+
+ROLE_TAG = tags_.ROLE
+STUDY_TAG = tags_.STUDY
+TRIAL_TAG = tags_.TRIAL_ID
+SHA_TAG = tags_.SHA
+STATUS_TAG = tags_.STATUS
+GIT_TAG = tags_.GIT
+VERSION_TAG = tags_.VERSION
+OVERRIDES_TAG = tags_.OVERRIDES
+NODE_TAG = tags_.NODE
 # A result's wall-clock time (seconds) when the worker produced it: the MLflow timestamp of its
 # metrics (epochs reach the driver in batches, see runner.trainable).
 WALL_TIME = "_wall_time"
-PARENT_TAG = "mlflow.parentRunId"
-
-# Trial statuses; `stopped` is a trial ended early by a scheduler (ASHA) before its last epoch.
-TERMINAL_STATUSES = ("completed", "diverged", "stopped", "failed")
+PARENT_TAG = tags_.PARENT
+TERMINAL_STATUSES = tags_.TERMINAL_STATUSES
 
 # Keys Ray Tune adds to every result; they are bookkeeping, not trial metrics.
 _TUNE_KEYS = frozenset(
@@ -79,35 +80,10 @@ _TUNE_KEYS = frozenset(
 
 _MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
 _MAX_METRICS_PER_BATCH = 1000
-_MAX_PARAM_CHARS = 6000
 # Error codes that retrying cannot fix: the operation is dropped (and reported) instead.
 _PERMANENT_CODES = frozenset(
     {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE", "BAD_REQUEST"}
 )
-
-
-class TrackingError(ValueError):
-    """A tracking set-up the platform refuses (for instance the MLflow file store)."""
-
-
-def resolve_tracking_uri(
-    explicit: str | None = None, study_uri: str | None = None, root: Path | None = None
-) -> str:
-    """Pick the store: command line, then the study file, then ``MLFLOW_TRACKING_URI``, then
-    the default sqlite file in the project root. Relative sqlite paths are made absolute
-    against the project root (Ray workers and later commands run elsewhere)."""
-    return check_tracking_uri(paths.resolve_tracking_uri(explicit or study_uri, root), root)
-
-
-def check_tracking_uri(uri: str, root: Path | None = None) -> str:
-    """Refuse the file store (MLflow 3 deprecates it and raises) and absolutize sqlite paths."""
-    if uri.startswith("file:") or "://" not in uri:
-        raise TrackingError(
-            f"tracking URI {uri!r} is the MLflow file store, which MLflow 3 refuses; use "
-            f"{default_tracking_uri(root)!r} (the default) or an MLflow server "
-            "(http://HOST:PORT)"
-        )
-    return paths.absolute_sqlite_uri(uri, root)
 
 
 def git_commit(root: Path | None = None) -> str:
@@ -140,17 +116,6 @@ def trial_metrics(result: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(value, int | float):
             out[key] = float(value)
     return out
-
-
-def flatten_params(config: Mapping[str, Any]) -> dict[str, str]:
-    """The flattened trial config as MLflow params (dotted keys, string values)."""
-    from samstudy.study.spec import flatten_config
-
-    params = {}
-    for key, value in flatten_config(dict(config)).items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        params[key] = text[:_MAX_PARAM_CHARS]
-    return params
 
 
 def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
@@ -344,6 +309,8 @@ class StudyTracker:
                 "name": trial.get("name", trial_id),
                 "config": dict(trial.get("config", {})),
                 "overrides": dict(trial.get("overrides", {})),
+                "variant": trial.get("variant", ""),
+                "variant_id": trial.get("variant_id", ""),
             }
 
     def _put(self, op: dict) -> None:
@@ -633,6 +600,9 @@ class StudyTracker:
                 PARENT_TAG: parent,
                 OVERRIDES_TAG: json.dumps(trial.get("overrides", {}), sort_keys=True)[:5000],
             }
+            if trial.get("variant_id"):
+                tags[tags_.VARIANT] = trial["variant"]
+                tags[tags_.VARIANT_ID] = trial["variant_id"]
             run = client.create_run(self.experiment_id, run_name=trial["name"], tags=tags)
             run_id = run.info.run_id
             self._runs[trial_id] = run_id
@@ -640,7 +610,7 @@ class StudyTracker:
         if trial_id not in self._complete_params and trial.get("config"):
             from mlflow.entities import Param
 
-            params = [Param(k, v) for k, v in flatten_params(trial["config"]).items()]
+            params = [Param(k, v) for k, v in mlflow_params(trial["config"]).items()]
             for chunk in _chunks(params, _MAX_PARAMS_PER_BATCH):
                 client.log_batch(run_id, params=chunk)  # same values again are accepted
             self._complete_params.add(trial_id)

@@ -14,17 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
-from samstudy.configpath import PathError, check_path, fields_at, set_path, unknown_key_message
+from samstudy import configio
+from samstudy.configio import ConfigError, problems, read_yaml, report
 from samstudy.train.config import TrialConfig, load_trial_config
 
 EXIT_BAD_CONFIG = 2
-
-
-class ConfigError(Exception):
-    """A config problem to print as one message, without a traceback."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,37 +53,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def apply_override(mapping: dict[str, Any], assignment: str) -> None:
-    """Set ``key.path=value`` in a nested mapping, in place; the value is parsed as YAML.
-
-    The path is checked against :class:`TrialConfig` and set with the study files' own rules
-    (``samstudy.configpath``): ``optimizer.scales.0=2`` indexes a list, a mapping value merges.
-    """
-    key, sep, raw = assignment.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {assignment!r}: expected KEY.PATH=VALUE")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({exc})") from None
-    try:
-        parts = check_path(TrialConfig, key.strip())
-        set_path(mapping, parts, value, TrialConfig().model_dump(mode="json"))
-    except PathError as exc:
-        raise ConfigError(f"--set {assignment!r}: {exc}") from None
+    """Set ``key.path=value`` in a trial config mapping, in place (``configio.apply_override``)."""
+    configio.apply_override(mapping, assignment, TrialConfig, TrialConfig().model_dump(mode="json"))
 
 
 def load_config_file(path: str | None) -> dict[str, Any]:
-    """Read a YAML mapping (``yaml.safe_load``); no file means ``{}`` (all defaults)."""
+    """Read a YAML mapping with the config loader; no file (or an empty one) means ``{}``."""
     if path is None:
         return {}
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from None
-    try:
-        loaded = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    loaded = read_yaml(path)
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -98,18 +72,8 @@ def load_config_file(path: str | None) -> dict[str, Any]:
 
 
 def format_validation_error(source: str, error: ValidationError) -> str:
-    """One line per problem: ``source: field a.b.c: message`` (the message names what is allowed)."""
-    lines = [f"{source}: invalid trial config"]
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            # pydantic does not say which keys exist; a typo is the usual cause.
-            allowed = fields_at(TrialConfig, tuple(item["loc"][:-1]))
-            if allowed:
-                message = unknown_key_message(str(item["loc"][-1]), allowed, what="field")
-        lines.append(f"  {source}: field {field}: {message}")
-    return "\n".join(lines)
+    """One ``source: field.path: message`` line per problem (the message names what is allowed)."""
+    return report(source, problems(error, TrialConfig))
 
 
 def _finite_or_none(value: Any) -> Any:

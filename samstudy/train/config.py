@@ -7,9 +7,11 @@ valid (digits, MLP, SAM) trial.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from samstudy.optim.config import OptimizerConfig, with_recipe
 
 # Every per-epoch metric of ``run_trial`` that a study may optimise or a report may plot (the
 # contract of docs/architecture.md; ``epoch``, ``lr``, timings and ``status`` come on top).
@@ -117,20 +119,14 @@ class SharpnessConfig(_Strict):
     hutchinson_samples: int = Field(10, ge=1)
 
 
-DEFAULT_OPTIMIZER: dict[str, Any] = {"name": "sam", "base": "sgd", "lr": 0.05, "rho": 0.05}
-# Defaults of the base optimizer's own knobs, so `{name: sgd}` trains like the lab's recipe.
-DEFAULT_BASE_KNOBS: dict[str, dict[str, Any]] = {
-    "sgd": {"momentum": 0.9, "weight_decay": 5e-4},
-    "adamw": {"weight_decay": 5e-4},
-}
-
-
 class TrialConfig(_Strict):
     data: DataConfig = DataConfig()
     noise: NoiseConfig = NoiseConfig()
     model: ModelConfig = ModelConfig()
-    optimizer: dict[str, Any] = Field(
-        default_factory=lambda: dict(DEFAULT_OPTIMIZER), validate_default=True
+    # Typed from the preset registry; a partial mapping takes the defaults and the lab's recipe
+    # for the base optimizer (samstudy.optim.config), so `{name: sgd}` keeps lr, momentum, ...
+    optimizer: Annotated[OptimizerConfig, BeforeValidator(with_recipe)] = Field(
+        default_factory=dict, validate_default=True
     )
     schedule: ScheduleConfig = ScheduleConfig()
     epochs: int = Field(30, ge=1)
@@ -142,17 +138,6 @@ class TrialConfig(_Strict):
     sharpness: SharpnessConfig = SharpnessConfig()
     checkpoint_every: int = Field(1, ge=0, description="epochs between checkpoints; 0 = never")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap batches (smoke tests)")
-
-    @field_validator("optimizer")
-    @classmethod
-    def _optimizer_ok(cls, optimizer: dict[str, Any]) -> dict[str, Any]:
-        from samstudy.optim import check_optimizer_config
-
-        # A partial mapping overrides the defaults, so `{name: sgd}` keeps lr, momentum, ...
-        merged = {**DEFAULT_OPTIMIZER, **optimizer}
-        merged = {**DEFAULT_BASE_KNOBS.get(merged["base"], {}), **merged}
-        check_optimizer_config(merged)  # ValueError naming the knob and the allowed values
-        return merged
 
 
 def load_trial_config(mapping: dict[str, Any] | None) -> TrialConfig:

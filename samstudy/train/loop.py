@@ -201,7 +201,7 @@ def run_trial(
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer(model.named_parameters(), **cfg.optimizer)
+    optimizer = create_optimizer(model.named_parameters(), cfg.optimizer)
     scheduler = build_scheduler(
         optimizer, cfg.schedule, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs
     )

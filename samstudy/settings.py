@@ -1,0 +1,89 @@
+"""Where a study logs: its MLflow tracking URI and experiment, one precedence for every command.
+
+``samstudy study`` and ``samstudy export`` both call :func:`tracking_target`:
+
+* URI: the command line, then the study file's ``tracking.tracking_uri``, then
+  ``$MLFLOW_TRACKING_URI``, then ``sqlite:///<project root>/mlflow.db``; a relative sqlite path
+  is taken from the project root (``samstudy.paths``), and the MLflow file store is refused;
+* experiment: the command line, then the study file's ``tracking.experiment``, then the study name.
+
+:func:`study_tracking` reads just the ``tracking:`` block of a study file (with the config loader),
+so the export needs neither the rest of the study nor the study package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from samstudy import paths
+from samstudy.configio import ConfigError, problems, read_yaml, report
+
+
+class TrackingError(ValueError):
+    """A tracking set-up the platform refuses (for instance the MLflow file store)."""
+
+
+class Tracking(BaseModel):
+    """The ``tracking:`` block of a study file; both default to the conventions above."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: str | None = Field(None, description="MLflow experiment; default: the study name")
+    tracking_uri: str | None = Field(
+        None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db"
+    )
+
+
+def check_tracking_uri(uri: str, root: Path | None = None) -> str:
+    """Refuse the file store (MLflow 3 deprecates it and raises) and absolutize sqlite paths."""
+    if uri.startswith("file:") or "://" not in uri:
+        raise TrackingError(
+            f"tracking URI {uri!r} is the MLflow file store, which MLflow 3 refuses; use "
+            f"{paths.default_tracking_uri(root)!r} (the default) or an MLflow server "
+            "(http://HOST:PORT)"
+        )
+    return paths.absolute_sqlite_uri(uri, root)
+
+
+def resolve_tracking_uri(
+    explicit: str | None = None, study_uri: str | None = None, root: Path | None = None
+) -> str:
+    """The store, by the precedence of the module docstring (checked by :func:`check_tracking_uri`)."""
+    return check_tracking_uri(paths.resolve_tracking_uri(explicit or study_uri, root), root)
+
+
+def studies_dir(explicit: str | Path | None = None) -> Path:
+    """``explicit``, else ``./studies`` when it exists, else ``<project root>/studies``."""
+    if explicit:
+        return Path(explicit)
+    local = Path("studies")
+    return local if local.is_dir() else paths.project_root() / "studies"
+
+
+def study_tracking(name: str, folder: str | Path | None = None) -> Tracking:
+    """The ``tracking:`` block of ``<folder>/NAME.yaml`` (defaults when there is no such file)."""
+    path = studies_dir(folder) / f"{name}.yaml"
+    if not path.is_file():
+        return Tracking()
+    data: Any = read_yaml(path)
+    block = data.get("tracking") if isinstance(data, dict) else None
+    try:
+        return Tracking.model_validate(block or {})
+    except ValidationError as exc:
+        raise ConfigError(report(path, problems(exc, Tracking, prefix="tracking"))) from None
+
+
+def tracking_target(
+    name: str,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    tracking: Tracking | None = None,
+    root: Path | None = None,
+) -> tuple[str, str]:
+    """(tracking URI, experiment) of study ``name``; ``tracking`` is its file's block."""
+    tracking = tracking or Tracking()
+    uri = resolve_tracking_uri(tracking_uri, tracking.tracking_uri, root)
+    return uri, experiment or tracking.experiment or name

@@ -1,0 +1,32 @@
+"""The MLflow tag names and trial statuses of the samstudy layout, in one place.
+
+Written by the study tracker (``samstudy.study``), read by the export (``samstudy.analysis``) and
+by the synthetic-study helpers; the layout is described in docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+ROLE = "samstudy.role"  # "parent" (one run per study) or "trial" (one run per trial)
+STUDY = "samstudy.study"
+TRIAL_ID = "samstudy.trial_id"
+VARIANT = "samstudy.variant"  # readable label of the config without the seed
+VARIANT_ID = "samstudy.variant_id"  # hash of the config without the seed
+SHA = "samstudy.study_sha256"
+STATUS = "samstudy.status"
+GIT = "samstudy.git_commit"
+VERSION = "samstudy.version"
+OVERRIDES = "samstudy.overrides"  # JSON of the paths this trial varies
+NODE = "samstudy.node_id"
+NODE_IP = "samstudy.node_ip"
+HOSTNAME = "samstudy.hostname"
+RETRIED = "samstudy.retried"
+PARENT = "mlflow.parentRunId"  # MLflow's own: nests child runs under the study's run
+NOTE = "mlflow.note.content"  # MLflow's own: the run's description in the UI
+
+ROLE_PARENT = "parent"
+ROLE_TRIAL = "trial"
+
+# Trial statuses; `stopped` is a trial ended early by a scheduler (ASHA) before its last epoch.
+TERMINAL_STATUSES = ("completed", "diverged", "stopped", "failed")
+# Outcomes that count as done: a rerun does not start these trials again.
+DONE_STATUSES = ("completed", "diverged", "stopped")
