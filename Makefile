@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 NAME   ?= quickstart
 ARGS   ?=
 
-.PHONY: setup test test-fast lint bench study plan ui export report train clean-results
+.PHONY: setup test test-fast lint docs bench study plan ui export report train clean-results
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check samstudy tests benchmarks
+
+docs: $(STAMP)
+	$(PY) -m samstudy.optim.presets docs/optimizers.md
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(ARGS)

@@ -7,13 +7,6 @@ import torch
 
 from samstudy.optim import PRESETS, SamOptimizer, check_optimizer_config, create_optimizer
 
-PRESET_KNOBS = {
-    "same": {"scales": [1, 0, 0, 0]},
-    "custom_same": {"scales": [0.5, 0, -0.5, 0.5]},
-    "saner": {"alpha": 0.5},
-    "sgd_on_region": {"region": 4},
-    "table": {"coefficients": [[1, 0], [0, 1], [0.5, 0.5], [-1, 0]]},
-}
 
 
 def params():
@@ -23,7 +16,7 @@ def params():
 @pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 def test_every_preset_builds_on_every_base(name, base):
-    knobs = PRESET_KNOBS.get(name, {})
+    knobs = PRESETS[name].example  # every registered preset, with its own example knobs
     check_optimizer_config({"name": name, "base": base, **knobs})
     opt = create_optimizer(params(), name=name, base=base, lr=0.1, **knobs)
     assert isinstance(opt, SamOptimizer)

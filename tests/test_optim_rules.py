@@ -136,7 +136,8 @@ def test_preset_tables_match_design():
     for (name, knob), (value, rows) in KNOBBED.items():
         got = preset_table(name, **{knob: value})
         assert got == tuple((float(a), float(b)) for a, b in rows), name
-    assert set(PRESETS) == set(EXPECTED) | {name for name, _ in KNOBBED}
+    # every preset of the design exists (the registry may hold more: new variants)
+    assert set(EXPECTED) | {name for name, _ in KNOBBED} <= set(PRESETS)
 
 
 def test_sgd_on_region_puts_sgd_only_on_its_region():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from samstudy.optim import STAT_KEYS, create_optimizer, preset_table
+from samstudy.optim import PRESETS, STAT_KEYS, create_optimizer, preset_table
 from samstudy.optim.ascent import AscentConfig, ascent
 
 RHO = 0.2
@@ -86,17 +86,8 @@ def delta_of_step(model, x, y, flat_sources=None, **knobs):
     return [b - p.detach() for b, p in zip(before, model.parameters(), strict=True)], opt
 
 
-PRESET_KNOBS = [
-    ("same", dict(scales=[1.0, 0, 0, 0])),
-    ("custom_same", dict(scales=[0.5, 0, -0.5, 1.0])),
-    ("saner", dict(alpha=0.25)),
-    ("sgd_on_region", dict(region=2)),
-    ("sam_magnitude_sgd_sign", {}),
-    ("sgd_magnitude_sam_sign", {}),
-    ("sam_where_agree", {}),
-    ("sgd_where_agree", {}),
-    ("table", dict(coefficients=[[1, 0.5], [2, 1], [0.5, -1], [-1, 2]])),
-]
+# Every registered two-step preset with its example knobs: a new preset is covered as it lands.
+PRESET_KNOBS = [(name, p.example) for name, p in PRESETS.items() if p.two_step]
 
 
 @pytest.mark.parametrize("mode", ["full", "jacobian", "logit"])

@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from samstudy.configpath import closest, unknown_value_message
-from samstudy.optim.presets import PRESETS, Knobs, Number, Preset, Table, fmt
+from samstudy.optim.presets import _SEALED, PRESETS, Knobs, Number, Preset, Table, fmt
 
 BASES = ("sgd", "adamw")
 ASCENTS = ("sam", "adaptive", "clamp")
@@ -228,6 +228,7 @@ def _member(preset: Preset) -> type[OptimizerBase]:
 
 
 MEMBERS: dict[str, type[OptimizerBase]] = {name: _member(p) for name, p in PRESETS.items()}
+_SEALED.append(True)
 
 
 def _named(data: Any) -> Any:
