@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check samstudy tests benchmarks
 
 docs: $(STAMP)
-	$(PY) -m samstudy.optim.presets docs/optimizers.md
+	$(PY) -m samstudy.optim README.md docs/optimizers.md
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(ARGS)

@@ -167,7 +167,8 @@ def _sam(k: Knobs) -> Table:
     knobs=Scales,
     label=lambda k: fmt(k.scales),
     rows="(1+s1,0) (1+s2,0) (1+s3,0) (1+s4,0)",
-    summary="d = g_p + s_k g_p; SAMECHECKPOINTk is `scales` with only s_k != 0",
+    summary="d = g_p + s_k g_p; SAMECHECKPOINTk: only s_k != 0 (the lab notes' g_p + g_p·mask "
+    "is s_k = 1)",
     example={"scales": [1.0, 0, 0, 0]},
 )
 def _same(k: Scales) -> Table:
@@ -290,9 +291,3 @@ def write_docs(path: str) -> bool:
             handle.write(new)
     return new != text
 
-
-if __name__ == "__main__":  # make docs
-    import sys
-
-    for target in sys.argv[1:]:
-        print(f"{target}: {'updated' if write_docs(target) else 'up to date'}")
