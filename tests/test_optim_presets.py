@@ -103,3 +103,11 @@ def test_identity_of_a_config() -> None:
     )["variant_id"]
     assert re.fullmatch(r"[0-9a-f]{12}", ident["variant_id"])
 
+
+def test_sam_damp_disagree_runs_from_sam_to_samanatomy() -> None:
+    from samstudy.optim import preset_table
+
+    assert preset_table("sam_damp_disagree", beta=1.0) == preset_table("sam")
+    assert preset_table("sam_damp_disagree", beta=0.0) == preset_table("sam_where_agree")
+    with pytest.raises(ValueError, match=r"optimizer\.beta: expected a number <= 1, got 2"):
+        check_optimizer_config({"name": "sam_damp_disagree", "beta": 2})

@@ -220,6 +220,22 @@ def _saner(k: Alpha) -> Table:
     return ((1.0, 0.0), (k.alpha, 0.0), (1.0, 0.0), (1.0, 0.0))
 
 
+class Beta(Knobs):
+    beta: Number = Field(ge=0, le=1, description="the coefficient of g_p where r <= 0, in [0, 1]")
+
+
+@register_preset(
+    "sam_damp_disagree",
+    knobs=Beta,
+    label=lambda k: f"(b{fmt(k.beta)})",
+    rows="(1,0) (1,0) (beta,0) (beta,0)",
+    summary="damp r <= 0 by beta: `sam` at 1, `sam_where_agree` at 0 (Project 2)",
+    example={"beta": 0.5},
+)
+def _sam_damp_disagree(k: Beta) -> Table:
+    return ((1.0, 0.0), (1.0, 0.0), (k.beta, 0.0), (k.beta, 0.0))
+
+
 @register_preset(
     "sgd_on_region",
     knobs=Region,
