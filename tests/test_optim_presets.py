@@ -98,9 +98,11 @@ def test_identity_of_a_config() -> None:
     assert ident["name"] == "same[2,0,0,0]-rho0.1-mlp-threads2-s3"
     assert ident["variant"] == "same[2,0,0,0]-rho0.1-mlp"  # no seed, no placement field
     other_seed = identify({**config, "seed": 4, "threads": 1})
-    assert other_seed["variant_id"] == ident["variant_id"] != identify(
-        {**config, "optimizer": {**config["optimizer"], "rho": 0.2}}
-    )["variant_id"]
+    assert (
+        other_seed["variant_id"]
+        == ident["variant_id"]
+        != identify({**config, "optimizer": {**config["optimizer"], "rho": 0.2}})["variant_id"]
+    )
     assert re.fullmatch(r"[0-9a-f]{12}", ident["variant_id"])
 
 
