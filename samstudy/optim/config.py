@@ -31,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from samstudy.configio import problems
 from samstudy.configpath import closest, unknown_value_message
 from samstudy.optim.presets import _SEALED, PRESETS, Knobs, Number, Preset, Table, fmt
 
@@ -78,7 +79,7 @@ class OptimizerBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = DEFAULT_NAME
-    base: Literal["sgd", "adamw"] = Field("sgd", description="the optimizer that takes d")
+    base: Literal[BASES] = Field("sgd", description="the optimizer that takes d")  # type: ignore[valid-type]
     lr: Number = Field(0.05, ge=0)
     rho: Number = Field(0.05, ge=0, description="ascent radius; sgd ignores it")
     # base optimizer (None: torch's default)
@@ -89,7 +90,7 @@ class OptimizerBase(BaseModel):
     betas: tuple[Beta, Beta] | None = Field(None, description="[beta1, beta2] in [0, 1)")
     eps: Number | None = Field(None, gt=0)
     # ascent
-    ascent: Literal["sam", "adaptive", "clamp"] = "sam"
+    ascent: Literal[ASCENTS] = "sam"  # type: ignore[valid-type]
     eta: Number = Field(0.0, ge=0, description="ASAM's T_w = |w| + eta")
     clamp_rms: Number | None = Field(None, gt=0, description="tau = clamp_rms * RMS(e)")
     clamp_quantile: Number | None = Field(
@@ -98,7 +99,7 @@ class OptimizerBase(BaseModel):
     clamp_renorm: bool = Field(False, strict=True)
     m: int | None = Field(None, strict=True, ge=1, description="micro-batch size; null: the batch")
     # second gradient
-    second_grad: Literal["full", "jacobian", "logit"] = "full"
+    second_grad: Literal[SECOND_GRADS] = "full"  # type: ignore[valid-type]
     # measurement and kernels
     stats: bool = Field(True, strict=True)
     stats_every: int = Field(DEFAULT_STATS_EVERY, strict=True, ge=1)
@@ -269,8 +270,6 @@ def parse_optimizer_config(mapping: Mapping[str, Any] | OptimizerBase) -> Optimi
     try:
         return _ADAPTER.validate_python(mapping)
     except ValidationError as exc:
-        from samstudy.configio import problems
-
         raise ValueError("; ".join(problems(exc, OptimizerConfig, prefix="optimizer"))) from None
 
 
