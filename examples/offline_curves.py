@@ -1,7 +1,8 @@
 """Reproduce the report's test-accuracy learning curves from the Parquet export alone.
 
-Needs only pandas and matplotlib (DuckDB is used when it is installed, pandas otherwise): no
-samstudy, no MLflow, so a copied ``results/`` folder is enough.
+Needs only pandas and matplotlib (DuckDB is used when it is installed, pandas otherwise; SciPy's
+t quantiles when it is installed, a printed table otherwise): no samstudy, no MLflow, so a
+copied ``results/`` folder is enough. Runs are grouped by the export's ``variant`` column.
 
     python examples/offline_curves.py quickstart                      # -> quickstart-test_acc.png
     python examples/offline_curves.py quickstart --metric memorization --root results
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -39,14 +39,15 @@ T975 = {
 
 
 def t975(df: int) -> float:
-    """The table value for the largest tabulated df <= df (conservative in between)."""
+    """The 0.975 quantile of Student's t: SciPy's, else the table value for the largest
+    tabulated df <= df (conservative in between)."""
     if df < 1:
         return math.nan
-    return T975[max(k for k in T975 if k <= df)]
-
-
-def _variant(run_name: str) -> str:
-    return re.sub(r"[-_](?:s|seed)\d+$", "", run_name or "")
+    try:
+        from scipy.stats import t
+    except ImportError:
+        return T975[max(k for k in T975 if k <= df)]
+    return float(t.ppf(0.975, df))
 
 
 def per_run_values(root: Path, study: str, metric: str) -> pd.DataFrame:
@@ -60,19 +61,18 @@ def per_run_values(root: Path, study: str, metric: str) -> pd.DataFrame:
     if duckdb is not None:
         frame = duckdb.sql(
             f"""
-            SELECT m.run_id, r.run_name, m.step, arg_max(m.value, m.timestamp) AS value
+            SELECT m.run_id, r.variant, m.step, arg_max(m.value, m.timestamp) AS value
             FROM read_parquet('{metrics_glob}') m
             JOIN read_parquet('{runs_glob}') r USING (run_id)
             WHERE m.metric = '{metric}'
-            GROUP BY m.run_id, r.run_name, m.step
+            GROUP BY m.run_id, r.variant, m.step
             """
         ).df()
     else:
         metrics = pd.read_parquet(Path(metrics_glob).parent, filters=[("metric", "==", metric)])
-        runs = pd.read_parquet(Path(runs_glob).parent, columns=["run_id", "run_name"])
+        runs = pd.read_parquet(Path(runs_glob).parent, columns=["run_id", "variant"])
         metrics = metrics.sort_values("timestamp").drop_duplicates(["run_id", "step"], keep="last")
-        frame = metrics.merge(runs, on="run_id")[["run_id", "run_name", "step", "value"]]
-    frame["variant"] = frame["run_name"].map(_variant)
+        frame = metrics.merge(runs, on="run_id")
     return frame[["run_id", "variant", "step", "value"]]
 
 

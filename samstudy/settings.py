@@ -7,8 +7,9 @@
   is taken from the project root (``samstudy.paths``), and the MLflow file store is refused;
 * experiment: the command line, then the study file's ``tracking.experiment``, then the study name.
 
-:func:`study_tracking` reads just the ``tracking:`` block of a study file (with the config loader),
-so the export needs neither the rest of the study nor the study package.
+:func:`study_settings` reads just what the export and the report need from a study file (its
+``description`` and ``tracking:`` block), with the config loader, so they need neither the rest
+of the study nor the study package.
 """
 
 from __future__ import annotations
@@ -63,17 +64,34 @@ def studies_dir(explicit: str | Path | None = None) -> Path:
     return local if local.is_dir() else paths.project_root() / "studies"
 
 
-def study_tracking(name: str, folder: str | Path | None = None) -> Tracking:
-    """The ``tracking:`` block of ``<folder>/NAME.yaml`` (defaults when there is no such file)."""
+class StudySettings(BaseModel):
+    """The parts of a study file that the export and the report read; the rest is not checked
+    here (``samstudy plan`` validates the whole file)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    description: str = ""
+    tracking: Tracking = Tracking()
+
+
+def study_settings(name: str, folder: str | Path | None = None) -> StudySettings:
+    """:class:`StudySettings` of ``<folder>/NAME.yaml``; defaults when there is no such file.
+
+    A file that is no valid YAML, or whose ``description`` / ``tracking`` are malformed, raises
+    :class:`~samstudy.configio.ConfigError` naming the file and the field.
+    """
     path = studies_dir(folder) / f"{name}.yaml"
     if not path.is_file():
-        return Tracking()
+        return StudySettings()
     data: Any = read_yaml(path)
-    block = data.get("tracking") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping (name:, base:, grid: ...)")
     try:
-        return Tracking.model_validate(block or {})
+        return StudySettings.model_validate(
+            {k: v for k, v in data.items() if k in StudySettings.model_fields and v is not None}
+        )
     except ValidationError as exc:
-        raise ConfigError(report(path, problems(exc, Tracking, prefix="tracking"))) from None
+        raise ConfigError(report(path, problems(exc, StudySettings))) from None
 
 
 def tracking_target(

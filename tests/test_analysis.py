@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -34,6 +33,7 @@ from samstudy.analysis import (
 from samstudy.analysis.schema import RUNS_FIXED_FIELDS, exported_studies, partition_dir
 from samstudy.analysis.stats import t_quantile, welch_interval
 from samstudy.analysis.synthetic import TrialData, log_study, sqlite_store
+from samstudy.identity import param_value, run_name
 
 # ---------------------------------------------------------------------------------------------
 # The hand-built study. Six epochs; default stages: early = epochs 1-2, late = epochs 5-6.
@@ -115,7 +115,8 @@ def config(variant: str, rho: float, seed: int) -> dict:
         optimizer["scales"] = SCALES[variant]
     return {
         "optimizer": optimizer,
-        "noise": {"rate": 0.4},
+        "model": {"name": "mlp"},
+        "noise": {"kind": "symmetric", "rate": 0.4},
         "epochs": EPOCHS,
         "seed": seed,
         "device": "cpu",
@@ -123,8 +124,9 @@ def config(variant: str, rho: float, seed: int) -> dict:
 
 
 def name(variant: str, rho: float, seed: int) -> str:
-    label = "sam" if variant == "sam" else f"same{SCALES[variant]}".replace(" ", "")
-    return f"{label}-rho{rho}-s{seed}"
+    """The run name the expansion gives (``sam-rho0.05-mlp-n0.4-s0``); the variant label is it
+    without ``-s<seed>``."""
+    return run_name(config(variant, rho, seed))
 
 
 def hand_trials() -> list[TrialData]:
@@ -167,6 +169,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
         metrics=[
             Metric("train_loss", float("nan"), 1_700_000_001_000, 1),
             Metric("train_loss", float("inf"), 1_700_000_002_000, 2),
+            # a run that ends in NaN (diverged): its final value is NaN, not the last number
+            Metric("test_loss", 1.5, 1_700_000_001_000, 1),
+            Metric("test_loss", float("nan"), 1_700_000_002_000, 2),
         ],
     )
     root = tmp / "results"
@@ -202,6 +207,22 @@ def test_export_schema_and_layout(store: dict) -> None:
     assert all(n.split(".")[0] in {"params", "tags", "final", "best"} for n in rest)
     assert {"params.optimizer.rho", "params.seed", "final.test_acc", "best.test_acc"} <= set(rest)
     assert str(runs_schema.field("final.test_acc").type) == "double"
+    # params keep their types: no CAST needed to compare them
+    types = {n: str(runs_schema.field(n).type) for n in rest if n.startswith("params.")}
+    assert types == {
+        "params.device": "string",
+        "params.epochs": "int64",
+        "params.model.name": "string",
+        "params.noise.kind": "string",
+        "params.noise.rate": "double",
+        "params.optimizer.lr": "double",
+        "params.optimizer.name": "string",
+        "params.optimizer.rho": "double",
+        "params.optimizer.scales": "list<element: double>",  # null for sam
+        "params.seed": "int64",
+    }
+    assert str(runs_schema.field("variant").type) == "string"
+    assert str(runs_schema.field("variant_id").type) == "string"
     assert exported_studies(root) == ["edge", "hand"]
     # 3 seeds x 5 variants + 3 + 2 at rho 0.1, the parent run left out
     assert store["result"].n_runs == 20
@@ -219,7 +240,12 @@ def test_export_round_trip_equals_mlflow(store: dict) -> None:
         assert run["trial_id"] == mlflow_run.data.tags["samstudy.trial_id"]
         assert run["run_name"] == mlflow_run.info.run_name
         for key, value in mlflow_run.data.params.items():
-            assert run[f"params.{key}"] == value
+            got, want = run[f"params.{key}"], param_value(value)  # typed from MLflow's string
+            assert (list(got) if isinstance(want, list) else got) == want, key
+            assert type(want) is not str or isinstance(got, str), key
+        tags = mlflow_run.data.tags
+        assert run["variant"] == tags["samstudy.variant"] == run["run_name"].rsplit("-s", 1)[0]
+        assert run["variant_id"] == tags["samstudy.variant_id"]
         mine = exported[exported["run_id"] == run["run_id"]]
         for key in mlflow_run.data.metrics:
             history = sorted(
@@ -252,6 +278,10 @@ def test_export_keeps_duplicates_nan_inf_and_final_uses_latest(store: dict) -> N
     assert runs["final.test_acc"].tolist() == [pytest.approx(0.123)]  # the latest value
     assert runs["best_step"].tolist() == [2] and runs["best.test_acc"].tolist() == [0.8]
     assert runs["best.train_loss"].item() == 1.7976931348623157e308  # logged at step 2 too
+    assert math.isnan(runs["final.test_loss"].item())  # the last step's NaN, not step 1's 1.5
+    per_run = final_and_best(load_study("edge", store["root"])).set_index(["kind", "metric"])
+    assert math.isnan(per_run.at[("final", "test_loss"), "value"])  # the analysis agrees
+    assert per_run.at[("final", "test_acc"), "value"] == pytest.approx(0.123)
     # the analysis loader keeps the latest value of a step logged twice
     long = load_metrics("edge", store["root"], metrics=["test_acc"])
     assert long.sort_values("step")["value"].tolist() == pytest.approx([0.5, 0.8, 0.123])
@@ -309,7 +339,8 @@ def test_stale_temp_dirs_are_cleaned_and_hive_root_reads(store: dict, tmp_path: 
 
 def test_missing_study_and_bad_names(store: dict, tmp_path: Path) -> None:
     from samstudy.analysis.cli import export_main
-    from samstudy.analysis.export import StudyNotFoundError, export_study
+    from samstudy.analysis.export import export_study
+    from samstudy.analysis.readers import StudyNotFoundError
 
     with pytest.raises(StudyNotFoundError, match="hand"):  # lists the experiments that exist
         export_study("nope", store["uri"], root=tmp_path)
@@ -330,9 +361,13 @@ def test_missing_study_and_bad_names(store: dict, tmp_path: Path) -> None:
 def test_variants_labels_and_seeds(study) -> None:
     labels = sorted(study.variants["variant"])
     assert labels == sorted(
-        [name(v, 0.05, 0)[:-3] for v in ["sam", *DELTA]] + ["sam-rho0.1", "same[1,0,0,0]-rho0.1"]
+        [name(v, 0.05, 0)[:-3] for v in ["sam", *DELTA]]
+        + ["sam-rho0.1-mlp-n0.4", "same[1,0,0,0]-rho0.1-mlp-n0.4"]
     )
-    assert study.variants.set_index("variant")["n_runs"].to_dict()["same[1,0,0,0]-rho0.1"] == 2
+    assert (
+        study.variants.set_index("variant")["n_runs"].to_dict()["same[1,0,0,0]-rho0.1-mlp-n0.4"]
+        == 2
+    )
     assert set(study.runs["seed"]) == set(SEEDS)
     assert "device" not in study.varying_params() and "seed" not in study.varying_params()
     assert set(study.varying_params()) == {"optimizer.name", "optimizer.rho", "optimizer.scales"}
@@ -340,7 +375,7 @@ def test_variants_labels_and_seeds(study) -> None:
 
 def test_seed_aggregate_known_numbers(study) -> None:
     table = final_best_table(study)
-    sam = table[table["variant"] == "sam-rho0.05"].set_index(["kind", "metric"])
+    sam = table[table["variant"] == "sam-rho0.05-mlp-n0.4"].set_index(["kind", "metric"])
     # best test acc of SAM: 0.80 + 0.01 * seed at epoch 4
     best = sam.loc[("best", "test_acc")]
     assert best["mean"] == pytest.approx(0.81) and best["std"] == pytest.approx(0.01)
@@ -358,7 +393,7 @@ def test_seed_aggregate_known_numbers(study) -> None:
 
 def test_curves_mean_and_band(study) -> None:
     data = curves(study, ["train_acc"])
-    row = data[(data["variant"] == "same[1,0,0,0]-rho0.05") & (data["step"] == 5)].iloc[0]
+    row = data[(data["variant"] == "same[1,0,0,0]-rho0.05-mlp-n0.4") & (data["step"] == 5)].iloc[0]
     # REF 0.80 + UP + mean(0.01 * seed) + mean(jitter); per-seed values 0.87, 0.91, 0.95
     assert row["mean"] == pytest.approx(0.91) and row["n"] == 3
     assert row["ci_high"] - row["mean"] == pytest.approx(T975_2 * 0.04 / math.sqrt(3))
@@ -378,7 +413,9 @@ def test_final_and_best_agree_with_export_columns(study) -> None:
 def test_stage_values_are_stage_means(study) -> None:
     values = stage_values(study, metrics=["train_acc"])
     run = study.runs.set_index("run_id")
-    some = values[(values["variant"] == "same[0,0,-0.5,0]-rho0.05") & (values["seed"] == 2)]
+    some = values[
+        (values["variant"] == "same[0,0,-0.5,0]-rho0.05-mlp-n0.4") & (values["seed"] == 2)
+    ]
     got = some.set_index("stage")["value"]
     # ckpt3 seed 2: epochs 1-2 -> 0.40, 0.50 (+0.02 seed, -0.1 delta, +0.03 jitter)
     assert got["early"] == pytest.approx(np.mean([0.40, 0.50]) + 0.02 - 0.1 + 0.03)
@@ -392,11 +429,13 @@ def test_stage_values_are_stage_means(study) -> None:
 
 def test_reference_matching_by_rho(study) -> None:
     refs = match_references(study.variants, "sam")
-    assert refs["same[1,0,0,0]-rho0.05"] == "sam-rho0.05"
-    assert refs["same[1,0,0,0]-rho0.1"] == "sam-rho0.1"
-    assert refs["sam-rho0.1"] == "sam-rho0.1"
-    single = match_references(study.variants, "sam-rho0.1")  # a label: one reference for all
-    assert set(single.values()) == {"sam-rho0.1"}
+    assert refs["same[1,0,0,0]-rho0.05-mlp-n0.4"] == "sam-rho0.05-mlp-n0.4"
+    assert refs["same[1,0,0,0]-rho0.1-mlp-n0.4"] == "sam-rho0.1-mlp-n0.4"
+    assert refs["sam-rho0.1-mlp-n0.4"] == "sam-rho0.1-mlp-n0.4"
+    single = match_references(
+        study.variants, "sam-rho0.1-mlp-n0.4"
+    )  # a label: one reference for all
+    assert set(single.values()) == {"sam-rho0.1-mlp-n0.4"}
     nobody = match_references(study.variants, "sgd")
     assert all(v is None for v in nobody.values())
 
@@ -421,7 +460,9 @@ def test_paired_differences_known_intervals(study) -> None:
 
 def test_welch_when_seeds_differ(study) -> None:
     diffs = differences(stage_values(study, metrics=["train_acc"]), study.variants, "sam")
-    row = diffs[(diffs["variant"] == "same[1,0,0,0]-rho0.1") & (diffs["stage"] == "late")].iloc[0]
+    row = diffs[
+        (diffs["variant"] == "same[1,0,0,0]-rho0.1-mlp-n0.4") & (diffs["stage"] == "late")
+    ].iloc[0]
     assert not row["paired"] and (row["n"], row["n_ref"]) == (2, 3)
     a = [np.mean([0.8, 0.9]) + 0.2 + 0.01 * s + UP + JITTER[s] for s in (0, 1)]
     b = [np.mean([0.8, 0.9]) + 0.2 + 0.01 * s for s in SEEDS]
@@ -438,13 +479,15 @@ def test_verdicts_reproduce_the_designed_table(study) -> None:
     for (variant, stage), want in EXPECTED.items():
         assert got[(name(variant, 0.05, 0)[:-3], stage)] == want, (variant, stage)
     # the noisy-train gain of ckpt4 is reported beside the verdict
-    row = table[(table["variant"] == "same[0,0,0,1]-rho0.05") & (table["stage"] == "late")].iloc[0]
+    row = table[
+        (table["variant"] == "same[0,0,0,1]-rho0.05-mlp-n0.4") & (table["stage"] == "late")
+    ].iloc[0]
     assert row["d_train_acc_noisy"] == pytest.approx(UP)
     assert row["d_test_acc_low"] == pytest.approx(DOWN - HALF)
     hyp = hypothesis_table(table)
     assert list(hyp.columns) == ["early", "late"]
-    assert hyp.loc["same[0,0,-0.5,0]-rho0.05", "late"] == "underfitting"
-    assert "sam-rho0.05" not in hyp.index  # references get no verdict
+    assert hyp.loc["same[0,0,-0.5,0]-rho0.05-mlp-n0.4", "late"] == "underfitting"
+    assert "sam-rho0.05-mlp-n0.4" not in hyp.index  # references get no verdict
     # custom stage names and order carry through
     custom = verdict_table(study, stages={"late": (2 / 3, 1.0), "early": (0.0, 1 / 3)})
     assert list(hypothesis_table(custom).columns) == ["late", "early"]
@@ -475,7 +518,11 @@ def test_two_studies_load_together(store: dict, tmp_path: Path) -> None:
 
     uri = store["uri"]
     trials = [
-        TrialData(f"sgd-s{s}", {"optimizer": {"name": "sgd"}, "seed": s}, {"test_acc": [0.1, 0.2]})
+        TrialData(
+            f"sgd-mlp-s{s}",
+            {"optimizer": {"name": "sgd"}, "model": {"name": "mlp"}, "seed": s},
+            {"test_acc": [0.1, 0.2]},
+        )
         for s in (0, 1)
     ]
     log_study(MlflowClient(uri), "other", trials)
@@ -484,15 +531,17 @@ def test_two_studies_load_together(store: dict, tmp_path: Path) -> None:
     export_study("hand", uri, root=root)
     both = load_study(["hand", "other"], root)
     assert set(both.runs["study"]) == {"hand", "other"}
-    assert "other/sgd" in set(both.variants["variant"])
+    assert "other/sgd-mlp" in set(both.variants["variant"])
     assert any(v.startswith("hand/sam") for v in both.variants["variant"])
-    assert json.loads(both.runs["variant_key"].iloc[0])["study"] in {"hand", "other"}
+    # one label per (study, variant_id), and the variants table has one row per label
+    pairs = both.runs.groupby("variant")[["study", "variant_id"]].nunique()
+    assert (pairs == 1).all().all() and len(pairs) == len(both.variants) == 7 + 1
     frame = pd.read_parquet(root / "runs")  # Hive read of both partitions (different columns)
     assert set(frame["study"].astype(str)) == {"hand", "other"}
 
 
 def test_default_tracking_uri_follows_the_study_runner(monkeypatch: pytest.MonkeyPatch) -> None:
-    from samstudy.analysis.export import default_tracking_uri
+    from samstudy.analysis.readers import default_tracking_uri
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert default_tracking_uri() == "http://127.0.0.1:5000"
@@ -518,7 +567,8 @@ def test_study_without_trials(store: dict, tmp_path: Path) -> None:
 
 def test_sql_reader_key_modes_agree(store: dict) -> None:
     """The rowid fast path (sqlite) and the run-id path (other databases) read the same."""
-    from samstudy.analysis.export import build_tables, read_sql_store
+    from samstudy.analysis.export import build_tables
+    from samstudy.analysis.readers import read_sql_store
 
     fast = build_tables(read_sql_store(store["uri"], "hand", rowid_keys=True))
     plain = build_tables(read_sql_store(store["uri"], "hand", rowid_keys=False))
@@ -534,10 +584,10 @@ def test_lab_notes_column_marks_samecheckpoint_variants(study) -> None:
     assert lab_notes_region("same", "[0, 0, -0.5, 0]") is None  # lowering is not the notebook's
     assert lab_notes_region("custom_same", "[1, 0, -0.5, 1]") is None
     table = with_lab_notes(hypothesis_table(verdict_table(study)), study.variants)
-    assert table.loc["same[0,1,0,0]-rho0.05", "lab notes: early"] == "noisy fitting"
-    assert table.loc["same[0,0,-0.5,0]-rho0.05", "lab notes: late"] == ""
+    assert table.loc["same[0,1,0,0]-rho0.05-mlp-n0.4", "lab notes: early"] == "noisy fitting"
+    assert table.loc["same[0,0,-0.5,0]-rho0.05-mlp-n0.4", "lab notes: late"] == ""
     # our designed ckpt2 agrees with the notebook in both stages
-    row = table.loc["same[0,1,0,0]-rho0.05"]
+    row = table.loc["same[0,1,0,0]-rho0.05-mlp-n0.4"]
     assert (row["early"], row["late"]) == (row["lab notes: early"], row["lab notes: late"])
 
 

@@ -171,4 +171,4 @@ def test_offline_example_reproduces_the_curves(real: dict, tmp_path: Path) -> No
     mine = module.curve_table(real["root"], "small", "test_acc").set_index(["variant", "step"])
     theirs = curves(load_study("small", real["root"]), ["test_acc"]).set_index(["variant", "step"])
     np.testing.assert_allclose(mine["mean"], theirs.loc[mine.index, "mean"])
-    np.testing.assert_allclose(mine["ci_low"], theirs.loc[mine.index, "ci_low"], rtol=1e-3)
+    np.testing.assert_allclose(mine["ci_low"], theirs.loc[mine.index, "ci_low"], rtol=1e-9)

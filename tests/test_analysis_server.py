@@ -159,20 +159,25 @@ def test_server_export_equals_sql_export_and_mlflow(
 def test_server_export_splits_truncated_batches(
     server: dict, logged: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With a row cap below one batch's size the reader must split and ask again, losing nothing."""
-    from samstudy.analysis import export
+    """With a row cap below one batch's size the reader must split and ask again, losing nothing;
+    with pages smaller than the study, search_runs is paged."""
+    from samstudy.analysis import readers
+    from samstudy.analysis.export import export_study
 
-    reference = export.export_study("srv", server["url"], root=tmp_path / "a")
-    monkeypatch.setattr(export, "BULK_MAX_RESULTS", 20)  # 12 runs x 8 steps = 96 rows a batch
-    monkeypatch.setattr(export, "BULK_MAX_RUNS", 5)
-    split = export.export_study("srv", server["url"], root=tmp_path / "b")
+    reference = export_study("srv", server["url"], root=tmp_path / "a")
+    monkeypatch.setattr(readers, "BULK_MAX_RESULTS", 20)  # 12 runs x 8 steps = 96 rows a batch
+    monkeypatch.setattr(readers, "BULK_MAX_RUNS", 5)
+    monkeypatch.setattr(readers, "SEARCH_PAGE", 5)  # 12 runs: three search_runs pages
+    split = export_study("srv", server["url"], root=tmp_path / "b")
+    assert split.n_runs == 12
     pd.testing.assert_frame_equal(
         _sorted(pq.read_table(split.metrics_path)), _sorted(pq.read_table(reference.metrics_path))
     )
 
 
 def test_server_missing_study(server: dict, tmp_path: Path) -> None:
-    from samstudy.analysis.export import StudyNotFoundError, export_study
+    from samstudy.analysis.export import export_study
+    from samstudy.analysis.readers import StudyNotFoundError
 
     with pytest.raises(StudyNotFoundError, match="srv|none"):
         export_study("absent", server["url"], root=tmp_path)

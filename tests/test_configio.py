@@ -33,7 +33,7 @@ threads: 1
 device: cpu
 """
 # The same malformed inputs, as a trial config and as a study's base: a key written twice, and a
-# knob value that is no number.
+# knob value that is no number (and, for the commands that read study files, a misspelt key).
 DUPLICATE = TRIAL.replace("  lr: 5e-2\n", "  lr: 5e-2\n  lr: 1e-1\n")
 NOT_A_NUMBER = TRIAL.replace("weight_decay: 5e-4", "weight_decay: 5e-4x")
 DUPLICATE_MESSAGE = "YAML syntax error at line 6, column 3: while reading a mapping duplicate key 'lr' (first on line 5, again on line 6)"
@@ -176,38 +176,84 @@ def test_plan_reads_exponents_and_set(tmp_path: Path) -> None:
     assert spec.overrides == ["optimizer.rho=1e-2"]
 
 
-@pytest.mark.parametrize("command", ["train", "plan", "study", "export"])
-@pytest.mark.parametrize(
-    ("bad", "message"), [(DUPLICATE, DUPLICATE_MESSAGE), (NOT_A_NUMBER, NUMBER_MESSAGE)]
-)
+BAD_TRACKING = "tracking: {experimnet: x}\n"
+TRACKING_MESSAGE = "tracking.experimnet: unknown key 'experimnet' (did you mean 'experiment'?); allowed: experiment, tracking_uri"
+COMMANDS = ["train", "plan", "study", "export", "report"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("case", ["duplicate key", "not a number", "unknown tracking key"])
 def test_every_command_refuses_the_same_input_the_same_way(
-    tmp_path: Path, command: str, bad: str, message: str
+    tmp_path: Path, command: str, case: str
 ) -> None:
-    if command == "export" and bad is NOT_A_NUMBER:
-        pytest.skip("export reads only the study's tracking block: a bad base is not its input")
+    """Exit status 2, ``samstudy <command>: <file>: <field>: <message>``, nothing started."""
+    if command in ("export", "report") and case == "not a number":
+        pytest.skip("export and report read a study's description and tracking, not its base")
+    if command == "train" and case == "unknown tracking key":
+        pytest.skip("a trial config has no tracking block")
     if command == "train":
         path = tmp_path / "trial.yaml"
-        path.write_text(bad)
+        path.write_text(DUPLICATE if case == "duplicate key" else NOT_A_NUMBER)
         done = samstudy(
             "train", "--config", str(path), "--out", str(tmp_path / "m.json"), cwd=tmp_path
         )
-        where = ""
+        expected = DUPLICATE_MESSAGE if case == "duplicate key" else NUMBER_MESSAGE
     else:
         path = tmp_path / "bad.yaml"
-        path.write_text(as_study(bad, "bad", tmp_path))
-        target = str(path) if command != "export" else "bad"
-        extra = ["--studies-dir", str(tmp_path)] if command == "export" else []
-        done = samstudy(command, target, *extra, cwd=tmp_path)
-        where = "base."
-        if bad is DUPLICATE:  # two more lines above the base in a study file
-            message = message.replace("line 6, column 3", "line 8, column 5").replace(
-                "line 5, again on line 6", "line 7, again on line 8"
-            )
-    expected = f"{path}: {message}" if bad is DUPLICATE else f"{path}: {where}{message}"
+        text = as_study(TRIAL, "bad", tmp_path)
+        if case == "duplicate key":
+            text = as_study(DUPLICATE, "bad", tmp_path)
+            # two more lines above the base in a study file
+            expected = DUPLICATE_MESSAGE.replace("line 6, column 3", "line 8, column 5")
+            expected = expected.replace("line 5, again on line 6", "line 7, again on line 8")
+        elif case == "not a number":
+            text = as_study(NOT_A_NUMBER, "bad", tmp_path)
+            expected = f"base.{NUMBER_MESSAGE}"
+        else:
+            text = text.replace("tracking: {", "tracking: {experimnet: x, ")
+            expected = TRACKING_MESSAGE
+        path.write_text(text)
+        by_name = ["bad", "--studies-dir", str(tmp_path)]
+        done = samstudy(
+            command, *(by_name if command in ("export", "report") else [str(path)]), cwd=tmp_path
+        )
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith(f"samstudy {command}: {expected}"), done.stderr
+    assert done.stderr.startswith(f"samstudy {command}: {path}: {expected}"), done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "ray").exists()
+
+
+def test_report_shows_the_study_description(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from samstudy.analysis.export import export_study
+    from samstudy.analysis.synthetic import TrialData, log_study, sqlite_store
+
+    uri = sqlite_store(tmp_path / "m.db")
+    trials = [
+        TrialData(
+            f"{name}-s{seed}", {"optimizer": {"name": name}, "seed": seed}, {"test_acc": [0.5, 0.6]}
+        )
+        for name in ("sam", "sgd")
+        for seed in (0, 1)
+    ]
+    log_study(MlflowClient(tracking_uri=uri), "described", trials)
+    export_study("described", uri, tmp_path / "results")
+    (tmp_path / "described.yaml").write_text(
+        "name: described\ndescription: Rho 1e-2 runs, noisy.\n"
+    )
+    done = samstudy(
+        "report",
+        "described",
+        "--studies-dir",
+        str(tmp_path),
+        "--root",
+        str(tmp_path / "results"),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "results" / "reports" / "described" / "report.md").read_text()
+    assert "Rho 1e-2 runs, noisy." in text
 
 
 @pytest.mark.slow

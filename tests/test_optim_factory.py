@@ -8,7 +8,6 @@ import torch
 from samstudy.optim import PRESETS, SamOptimizer, check_optimizer_config, create_optimizer
 
 
-
 def params():
     return [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))]
 

@@ -46,7 +46,7 @@ def test_all_callers_share_the_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     from samstudy.analysis.schema import DEFAULT_ROOT
     from samstudy.data.sources import resolve_root
     from samstudy.study.runner import absolute_paths, resolve_storage_path
-    from samstudy.study.tracking import resolve_tracking_uri
+    from samstudy.settings import resolve_tracking_uri
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

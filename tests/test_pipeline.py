@@ -71,6 +71,12 @@ def test_study_to_report(tmp_path: Path) -> None:
     assert len(runs) == n_trials and runs["trial_id"].is_unique
     assert set(runs["trial_id"]) == {t.trial_id for t in trials}
     assert set(runs["status"]) == {"completed"}
+    # the variant the expansion decided, carried by the tracker's tags into typed Parquet
+    want = {t.trial_id: (t.variant, t.variant_id) for t in trials}
+    pairs = zip(runs["variant"], runs["variant_id"], strict=True)
+    assert dict(zip(runs["trial_id"], pairs, strict=True)) == want
+    assert runs["tags.samstudy.variant_id"].tolist() == runs["variant_id"].tolist()
+    assert runs["params.optimizer.lr"].dtype == "float64" and runs["params.seed"].dtype == "int64"
 
     metrics = pq.read_table(partition_dir(root, "metrics", "pipe")).to_pandas()
     assert not metrics.duplicated(["trial_id", "metric", "step"]).any()

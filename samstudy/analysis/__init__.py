@@ -1,7 +1,7 @@
 """Export studies from MLflow to Parquet, and analyse them offline.
 
-Everything here except ``export`` (and ``synthetic``) reads Parquet only and never imports
-MLflow, so a copy of ``results/`` is enough to analyse a study::
+Everything here except ``export`` and ``readers`` (and ``synthetic``) reads Parquet only and
+never imports MLflow, so a copy of ``results/`` is enough to analyse a study::
 
     from samstudy.analysis import load_study, curves, verdict_table
     study = load_study("quickstart")                 # results/{runs,metrics}/study=quickstart

@@ -1,7 +1,8 @@
 """Seed aggregation, final and best metrics, stage summaries and differences to a reference.
 
 Every function takes and returns tidy frames. Intervals are two-sided Student t intervals at
-``level`` (default 95%): mean +- t_{(1+level)/2, n-1} * std / sqrt(n), std with ddof=1.
+``level`` (default 95%): mean +- t_{(1+level)/2, n-1} * std / sqrt(n), std with ddof=1, t from
+``scipy.stats`` (``samstudy.analysis.stats``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from samstudy.analysis.load import Study, _plain
+from samstudy.analysis.load import Study, plain
 from samstudy.analysis.schema import PARAM_PREFIX
-from samstudy.analysis.stats import t_quantile, welch_interval
+from samstudy.analysis.stats import ci_half_width, welch_interval
+from samstudy.analysis.summary import run_values
+from samstudy.optim.presets import fmt
 
 STAGE_METRICS: tuple[str, ...] = ("train_acc", "test_acc", "train_acc_clean", "train_acc_noisy")
 # (low, high] as fractions of a run's epochs: early = first third, late = last third.
@@ -35,12 +38,7 @@ def seed_aggregate(
     by = list(by)
     grouped = frame.groupby(by, sort=True, dropna=False, observed=True)[value]
     out = grouped.agg(mean="mean", std="std", n="count").reset_index()
-    t = (
-        out["n"]
-        .map(lambda n: t_quantile(0.5 + level / 2.0, n - 1) if n >= 2 else math.nan)
-        .astype(float)
-    )
-    half = t * out["std"] / np.sqrt(out["n"].where(out["n"] > 0))
+    half = ci_half_width(out["std"].to_numpy(dtype=float), out["n"].to_numpy(), level)
     out["ci_low"] = out["mean"] - half
     out["ci_high"] = out["mean"] + half
     return out
@@ -58,25 +56,22 @@ def final_and_best(study: Study, best_by: str = "test_acc", mode: str = "max") -
     """Per run: every metric at the last step (``final``) and at the early-stopping step.
 
     The early-stopping step is the first step where ``best_by`` is highest (``mode='max'``) or
-    lowest (``'min'``). Returns long rows ``run_id, variant, seed, kind, metric, value`` with
-    kind ``final`` or ``best``, plus kind ``best`` / metric ``best_step`` for the step itself.
+    lowest (``'min'``): ``summary.run_values``, the export's own definition. Returns long rows
+    ``run_id, variant, seed, kind, metric, value`` with kind ``final`` or ``best``, plus kind
+    ``best`` / metric ``best_step`` for the step itself.
     """
-    if mode not in {"max", "min"}:
-        raise ValueError(f"mode must be 'max' or 'min', not {mode!r}")
-    long = study.metrics.sort_values(["run_id", "metric", "step"], kind="stable")
-    final = long.groupby(["run_id", "metric"], sort=False, observed=True).tail(1)
-    final = final.assign(kind="final")[["run_id", "variant", "seed", "kind", "metric", "value"]]
-    scored = long[(long["metric"] == best_by) & long["value"].notna()]
-    scored = scored.sort_values(
-        ["run_id", "value", "step"], ascending=[True, mode == "min", True], kind="stable"
+    values = run_values(study.metrics[["run_id", "metric", "step", "value"]], best_by, mode)
+    steps = values.best_step.rename("value").astype(float).reset_index()
+    parts = [
+        values.final.assign(kind="final"),
+        values.best.assign(kind="best"),
+        steps.assign(kind="best", metric="best_step"),
+    ]
+    per_run = pd.concat(
+        [p.astype({"run_id": str, "metric": str}) for p in parts], ignore_index=True
     )
-    best_step = scored.drop_duplicates("run_id")[["run_id", "step"]]
-    best = long.merge(best_step, on=["run_id", "step"], how="inner").assign(kind="best")
-    best = best[["run_id", "variant", "seed", "kind", "metric", "value"]]
-    steps = best_step.merge(study.runs[["run_id", "variant", "seed"]], on="run_id")
-    steps = steps.assign(kind="best", metric="best_step", value=steps["step"].astype(float))
-    steps = steps[["run_id", "variant", "seed", "kind", "metric", "value"]]
-    return pd.concat([final, best, steps], ignore_index=True)
+    per_run = per_run.merge(study.runs[["run_id", "variant", "seed"]], on="run_id", how="left")
+    return per_run[["run_id", "variant", "seed", "kind", "metric", "value"]]
 
 
 def final_best_table(
@@ -134,7 +129,16 @@ def stage_values(
 
 
 def _matches(value: Any, wanted: Any) -> bool:
-    return str(_plain(value)) == str(wanted)
+    """A param value equals a wanted one: numbers as numbers (``1`` is ``1.0``), lists by their
+    elements, anything else by its text (``"0.1"`` is ``0.1``)."""
+    value, wanted = plain(value), plain(wanted)
+    if isinstance(value, list) and isinstance(wanted, list):
+        return len(value) == len(wanted) and all(map(_matches, value, wanted))
+    if isinstance(value, bool) or isinstance(wanted, bool):  # True is "true" (JSON), not 1
+        return str(value).lower() == str(wanted).lower()
+    if isinstance(value, int | float) and isinstance(wanted, int | float):
+        return value == wanted
+    return str(value) == str(wanted)
 
 
 def match_references(
@@ -173,9 +177,9 @@ def match_references(
         found = []
         for _, ref in refs.iterrows():
             agree = all(
-                _plain(row[c]) is None
-                or _plain(ref[c]) is None
-                or json.dumps(_plain(row[c])) == json.dumps(_plain(ref[c]))
+                plain(row[c]) is None
+                or plain(ref[c]) is None
+                or json.dumps(plain(row[c])) == json.dumps(plain(ref[c]))
                 for c in compare_cols
             )
             if agree:
@@ -221,7 +225,7 @@ def differences(
             d = a - b.reindex(a.index)
             diff, n = float(d.mean()), len(d)
             sd = float(d.std(ddof=1))
-            half = t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
+            half = ci_half_width(sd, n, level)
             low, high = diff - half, diff + half
         else:
             diff, low, high = welch_interval(
@@ -313,7 +317,15 @@ def grid_table(
 
 
 def _axis_values(values: pd.Series) -> pd.Series:
-    return values.map(lambda v: "-" if _plain(v) is None else _plain(v)).astype(object)
+    """Grid values as heatmap labels: ``-`` for undefined, lists as compact text ``[1,0,0,0]``."""
+
+    def label(value: Any) -> Any:
+        value = plain(value)
+        if value is None:
+            return "-"
+        return fmt(value) if isinstance(value, list) else value
+
+    return values.map(label).astype(object)
 
 
 def _sorted_axis(values: Sequence[Any]) -> list[Any]:

@@ -8,6 +8,8 @@ import sys
 
 from samstudy.analysis.schema import DEFAULT_ROOT
 
+EXIT_BAD_CONFIG = 2  # as `samstudy train`, `plan` and `study`: a config that cannot be used
+
 
 def _stages(text: str) -> dict[str, tuple[float, float]]:
     """Parse ``early=0:0.33,late=0.67:1`` into ``{"early": (0.0, 0.33), "late": (0.67, 1.0)}``."""
@@ -36,9 +38,10 @@ def export_source(
     """The (tracking URI, experiment) a study logged to, by the runner's own precedence
     (``samstudy.settings.tracking_target``); the study file (``<studies_dir>/NAME.yaml``,
     default ``./studies``, else ``<project root>/studies``) contributes its ``tracking:`` block."""
-    from samstudy.settings import study_tracking, tracking_target
+    from samstudy.settings import study_settings, tracking_target
 
-    return tracking_target(name, tracking_uri, experiment, study_tracking(name, studies_dir))
+    tracking = study_settings(name, studies_dir).tracking
+    return tracking_target(name, tracking_uri, experiment, tracking)
 
 
 def export_main(argv: list[str] | None = None) -> int:
@@ -73,12 +76,19 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--best-mode", choices=["max", "min"], default="max")
     args = parser.parse_args(argv)
 
-    from samstudy.analysis.export import StudyNotFoundError, export_study
+    from samstudy.analysis.export import export_study
+    from samstudy.analysis.readers import StudyNotFoundError
+    from samstudy.configio import ConfigError
+    from samstudy.settings import TrackingError
 
     try:
         tracking_uri, experiment = export_source(
             args.name, args.tracking_uri, args.experiment, args.studies_dir
         )
+    except (ConfigError, TrackingError) as error:
+        print(f"samstudy export: {error}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    try:
         result = export_study(
             args.name,
             tracking_uri,
@@ -106,6 +116,12 @@ def report_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=None, help="output folder (default: ROOT/reports/NAME)")
     parser.add_argument(
+        "--studies-dir",
+        default=None,
+        help="folder of study files, for each study's description (default: ./studies if "
+        "present, else <project root>/studies; a study without a file is reported all the same)",
+    )
+    parser.add_argument(
         "--reference",
         default="sam",
         help="reference variant: a variant label, or an optimizer name (default: sam)",
@@ -127,10 +143,18 @@ def report_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from samstudy.analysis.report import build_report
+    from samstudy.configio import ConfigError
+    from samstudy.settings import study_settings
 
+    try:
+        descriptions = {n: study_settings(n, args.studies_dir).description for n in args.names}
+    except ConfigError as error:
+        print(f"samstudy report: {error}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     try:
         result = build_report(
             args.names,
+            descriptions=descriptions,
             root=args.root,
             out_dir=args.out,
             reference=args.reference,

@@ -1,37 +1,45 @@
-"""Load exported studies from Parquet into tidy pandas frames, and label variants.
+"""Load exported studies from Parquet into tidy pandas frames, grouped by variant.
 
-A *variant* is a trial config minus its seed: the runs of one variant differ only in
-``seed`` (and in bookkeeping params that cannot change the maths, ``IGNORED_PARAMS``). Its label
-is the run name minus the seed suffix (``same[2,0,0,0]-rho0.1-mlp-s1`` ->
-``same[2,0,0,0]-rho0.1-mlp``); labels that would collide get the differing params appended.
+A *variant* is a trial config without its seed (and without the fields that only say where or
+how fast a trial ran, ``samstudy.identity.PLACEMENT_PATHS``): the runs of one variant differ
+only in their seed. The expansion decides it once for every trial (``variant_id``, a hash, and
+``variant``, the run name without the seed, e.g. ``same[2,0,0,0]-rho0.1-mlp-n0.4``); the export
+writes both as columns and the analysis groups by ``(study, variant_id)``. Labels that would
+collide (runs logged by other tools) get the differing params appended; several studies loaded
+together prefix theirs with ``study/``.
+
+An export of an earlier version (string params, no variant columns) loads too: its params are
+typed by the export's rule and its variants derived as the export derives them.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from samstudy.analysis.schema import DEFAULT_ROOT, PARAM_PREFIX, read_partition
-
-SEED_PARAMS: tuple[str, ...] = ("seed",)
-# Params that say where or how fast a trial ran, not what it computed.
-IGNORED_PARAMS: tuple[str, ...] = (
-    "device",
-    "threads",
-    "data.root",
-    "data.download",
-    "data.num_workers",
-    "checkpoint_every",
+from samstudy import tags
+from samstudy.analysis import summary
+from samstudy.analysis.params import (
+    arrow_to_pandas,
+    retype_string_params,
+    unify_params,
+    variant_from_params,
 )
-_SEED_SUFFIX = re.compile(r"[-_](?:s|seed)\d+$")
-_INT = re.compile(r"^[-+]?\d+$")
+from samstudy.analysis.schema import DEFAULT_ROOT, PARAM_PREFIX, TAG_PREFIX, read_partition
+from samstudy.identity import PLACEMENT_PATHS, SEED_PATH
+from samstudy.optim.presets import fmt
+
+SEED_PARAMS: tuple[str, ...] = (SEED_PATH,)
+# Params that say where or how fast a trial ran, not what it computed: not shown as a variant's.
+IGNORED_PARAMS: tuple[str, ...] = PLACEMENT_PATHS
+VARIANT_KEY = ["study", "variant_id"]
 
 
 @dataclass
@@ -39,10 +47,11 @@ class Study:
     """One or several exported studies as tidy frames.
 
     ``runs``: one row per trial (``run_id``, ``trial_id``, ``study``, ``status``, typed
-    ``params.*``, ``final.*``, ``best.*``, plus ``variant``, ``seed``).
+    ``params.*``, ``final.*``, ``best.*``, plus ``variant``, ``variant_id``, ``seed``).
     ``metrics``: long, one row per (run, metric, step), the latest value when a step was logged
     twice: ``study, run_id, variant, seed, step, metric, value``.
-    ``variants``: one row per variant: ``variant`` and the params that define it.
+    ``variants``: one row per variant: ``variant``, ``variant_id``, ``study``, ``n_runs`` and
+    the params that define it.
     """
 
     runs: pd.DataFrame
@@ -62,27 +71,43 @@ def _as_list(studies: str | Iterable[str]) -> list[str]:
     return [studies] if isinstance(studies, str) else list(studies)
 
 
-def parse_param(values: pd.Series) -> pd.Series:
-    """Type a column of MLflow param strings: int, float or bool when every value is one.
+def plain(value: Any) -> Any:
+    """JSON-able value (pandas NA -> None, numpy -> Python, tuples -> lists)."""
+    if isinstance(value, list | tuple | np.ndarray):
+        return [plain(v) for v in value]
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    return value.item() if hasattr(value, "item") else value
 
-    The tracker writes params as JSON (``0.05``, ``true``, ``null``, ``[1, 0, 0, 0]``); Python
-    spellings (``True``) are accepted too. ``null`` is a missing value; lists stay strings.
-    """
-    values = values.astype(object).where(values.notna() & (values != "null"), None)
-    present = values.dropna().astype(str)
-    if present.empty:
-        return values
-    if present.map(lambda v: bool(_INT.match(v))).all():
-        return pd.to_numeric(values, errors="coerce").astype("Int64")
-    numbers = pd.to_numeric(present, errors="coerce")
-    if numbers.notna().all():
-        return pd.to_numeric(values, errors="coerce").astype(float)
-    booleans = {"true": True, "false": False}
-    if present.str.lower().isin(list(booleans)).all():
-        return values.map(lambda v: None if v is None else booleans[str(v).lower()]).astype(
-            "boolean"
+
+def _with_variants(table: pa.Table) -> pa.Table:
+    """Add ``variant`` / ``variant_id`` to a runs table exported before they existed (its params
+    are still MLflow's strings), placed after ``trial_id`` as now."""
+    params = [c for c in table.column_names if c.startswith(PARAM_PREFIX)]
+    overrides_col = TAG_PREFIX + tags.OVERRIDES
+    overrides = (
+        table.column(overrides_col).to_pylist()
+        if overrides_col in table.column_names
+        else [None] * table.num_rows
+    )
+    found = [
+        variant_from_params(
+            {k[len(PARAM_PREFIX) :]: v for k, v in row.items() if v is not None}, text
         )
-    return values
+        for row, text in zip(table.select(params).to_pylist(), overrides, strict=True)
+    ]
+    at = table.column_names.index("trial_id") + 1
+    table = table.add_column(at, "variant", pa.array([f[0] for f in found], pa.string()))
+    return table.add_column(at + 1, "variant_id", pa.array([f[1] for f in found], pa.string()))
+
+
+def read_runs_table(name: str, root: str | os.PathLike[str] = DEFAULT_ROOT) -> pa.Table:
+    """One study's runs partition with typed params and variant columns, whichever version
+    of the export wrote it."""
+    table = read_partition(root, "runs", name)
+    if "variant_id" not in table.column_names:
+        table = _with_variants(table)
+    return retype_string_params(table, PARAM_PREFIX)
 
 
 def load_runs(
@@ -91,13 +116,18 @@ def load_runs(
     seed_params: Sequence[str] = SEED_PARAMS,
     ignored_params: Sequence[str] = IGNORED_PARAMS,
 ) -> pd.DataFrame:
-    """The runs table of one or several studies, params typed, with ``variant`` and ``seed``."""
-    tables = [read_partition(root, "runs", name) for name in _as_list(studies)]
+    """The runs table of one or several studies, params typed, with ``variant`` and ``seed``.
+
+    A param two studies typed differently gets one type by the export's rule (``params``).
+    """
+    tables = unify_params([read_runs_table(n, root) for n in _as_list(studies)], PARAM_PREFIX)
     table = pa.concat_tables(tables, promote_options="permissive")
-    runs = table.to_pandas()
+    params = [c for c in table.column_names if c.startswith(PARAM_PREFIX)]
+    runs = table.drop_columns(params).to_pandas()
+    for col in params:  # nullable ints and booleans, lists as tuples
+        runs[col] = arrow_to_pandas(table.column(col), runs.index)
+    runs = runs[table.column_names]
     runs["study"] = runs["study"].astype(str)
-    for col in [c for c in runs.columns if c.startswith(PARAM_PREFIX)]:
-        runs[col] = parse_param(runs[col])
     return assign_variants(runs, seed_params, ignored_params)
 
 
@@ -106,75 +136,54 @@ def assign_variants(
     seed_params: Sequence[str] = SEED_PARAMS,
     ignored_params: Sequence[str] = IGNORED_PARAMS,
 ) -> pd.DataFrame:
-    """Add ``variant`` (label), ``variant_key`` (its params as JSON) and ``seed`` columns."""
+    """Set ``variant`` to one unique label per ``(study, variant_id)`` and add ``seed``."""
     runs = runs.copy()
-    skip = {PARAM_PREFIX + p for p in (*seed_params, *ignored_params)}
-    config_cols = sorted(c for c in runs.columns if c.startswith(PARAM_PREFIX) and c not in skip)
-    # The study is part of the variant: the same config in two studies is two variants.
-    runs["variant_key"] = [
-        json.dumps(
-            {
-                "study": row[0],
-                **{
-                    c[len(PARAM_PREFIX) :]: _plain(v)
-                    for c, v in zip(config_cols, row[1:], strict=True)
-                },
-            },
-            sort_keys=True,
-        )
-        for row in runs[["study", *config_cols]].itertuples(index=False, name=None)
-    ]
     seed_col = PARAM_PREFIX + seed_params[0] if seed_params else None
     if seed_col and seed_col in runs.columns:
         runs["seed"] = runs[seed_col]
     else:
         runs["seed"] = pd.Series(pd.NA, index=runs.index, dtype="Int64")
-    base = runs["run_name"].fillna("").map(lambda n: _SEED_SUFFIX.sub("", n))
-    labels: dict[str, str] = {}
-    for key, group in runs.groupby("variant_key", sort=True):
-        names = sorted({n for n in base[group.index] if n})
-        labels[key] = names[0] if names else ""
-    _fill_and_disambiguate(labels, multi_study=runs["study"].nunique() > 1)
-    runs["variant"] = runs["variant_key"].map(labels)
+    if runs.empty:
+        return runs
+    first = runs.drop_duplicates(VARIANT_KEY).set_index(VARIANT_KEY)
+    skip = {PARAM_PREFIX + p for p in (*seed_params, *ignored_params)}
+    config = first[[c for c in first.columns if c.startswith(PARAM_PREFIX) and c not in skip]]
+
+    def differing(keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """``k=v, ...`` of the params that tell these variants apart."""
+        rows = config.loc[keys]
+        cols = [c for c in rows.columns if len({_text(v) for v in rows[c]}) > 1]
+        return {
+            key: ", ".join(f"{c[len(PARAM_PREFIX) :]}={fmt(plain(rows.at[key, c]))}" for c in cols)
+            for key in keys
+        }
+
+    labels = {
+        key: label if isinstance(label, str) else "" for key, label in first["variant"].items()
+    }
+    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for key, label in labels.items():
+        # A label that is its id (or none): another tool's runs, named by their params below.
+        nameless = label in {"", key[1]}
+        groups.setdefault((key[0], "" if nameless else label), []).append(key)
+    for (_, label), keys in groups.items():
+        if label and len(keys) < 2:  # the expansion's labels are unique within a study
+            continue
+        extra = differing(keys)
+        for key in keys:
+            if label:
+                labels[key] = f"{label} ({extra[key] or key[1]})"
+            else:
+                labels[key] = extra[key] if len(keys) > 1 and extra[key] else key[1]
+    if runs["study"].nunique() > 1:
+        labels = {key: f"{key[0]}/{label}" for key, label in labels.items()}
+    keys = list(zip(runs["study"], runs["variant_id"], strict=True))
+    runs["variant"] = [labels[k] for k in keys]
     return runs
 
 
-def _plain(value: Any) -> Any:
-    """JSON-able scalar (pandas NA -> None, numpy -> Python)."""
-    if value is None or (not isinstance(value, str) and pd.isna(value)):
-        return None
-    return value.item() if hasattr(value, "item") else value
-
-
-def _fill_and_disambiguate(labels: dict[str, str], multi_study: bool) -> None:
-    """Give nameless variants a label from their params and make colliding labels unique."""
-    params = {key: json.loads(key) for key in labels}
-    varying = {
-        k
-        for k in {k for p in params.values() for k in p}
-        if len({json.dumps(p.get(k)) for p in params.values()}) > 1 and k != "study"
-    }
-    for key, label in labels.items():
-        if not label:
-            labels[key] = ", ".join(f"{k}={params[key].get(k)}" for k in sorted(varying)) or "all"
-    by_label: dict[str, list[str]] = {}
-    for key, label in labels.items():
-        by_label.setdefault(label, []).append(key)
-    for label, keys in by_label.items():
-        if len(keys) < 2:
-            continue
-        differing = sorted(
-            k
-            for k in {k for key in keys for k in params[key]}
-            if len({json.dumps(params[key].get(k)) for key in keys}) > 1
-        )
-        for key in keys:
-            extra = ", ".join(f"{k}={params[key].get(k)}" for k in differing)
-            labels[key] = f"{label} ({extra})"
-    if multi_study:
-        for key in labels:
-            if f"{params[key]['study']}/" not in labels[key]:
-                labels[key] = f"{params[key]['study']}/{labels[key]}"
+def _text(value: Any) -> str:
+    return json.dumps(plain(value), sort_keys=True)
 
 
 def load_metrics(
@@ -201,12 +210,7 @@ def load_metrics(
         if not isinstance(frame[col].dtype, pd.CategoricalDtype):  # concat of unlike categories
             frame[col] = frame[col].astype(str).astype("category")
     if latest_per_step and not frame.empty:
-        key = ["run_id", "metric", "step"]
-        dup = frame.duplicated(key, keep=False).to_numpy()
-        if dup.any():  # rare (a resumed trial): only those rows need sorting by time
-            latest = frame[dup].sort_values("timestamp", kind="stable")
-            latest = latest.drop_duplicates(key, keep="last").index
-            frame = frame[~dup | frame.index.isin(latest)]
+        frame = summary.latest_per_step(frame)
     return frame.reset_index(drop=True)
 
 
@@ -232,31 +236,30 @@ def load_study(
     )
     long["run_id"] = long["run_id"].cat.remove_unused_categories()
     long = long[["study", "run_id", "variant", "seed", "step", "metric", "value"]]
-    return Study(runs=runs, metrics=long, variants=variant_table(runs))
+    return Study(runs=runs, metrics=long, variants=variant_table(runs, seed_params, ignored_params))
 
 
-def variant_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per variant: its label, study, number of seeds and the params that define it."""
-    rows = []
-    for key, group in runs.groupby("variant_key", sort=True):
-        params = json.loads(key)
-        rows.append(
-            {
-                "variant": group["variant"].iloc[0],
-                "n_runs": len(group),
-                **{PARAM_PREFIX + k if k != "study" else k: v for k, v in params.items()},
-            }
-        )
-    table = pd.DataFrame(rows, columns=None if rows else ["variant", "n_runs", "study"])
+def variant_table(
+    runs: pd.DataFrame,
+    seed_params: Sequence[str] = SEED_PARAMS,
+    ignored_params: Sequence[str] = IGNORED_PARAMS,
+) -> pd.DataFrame:
+    """One row per variant: its label, id, study, number of runs and the params that define
+    it (all but the seed and ``ignored_params``; equal across a variant's runs)."""
+    skip = {PARAM_PREFIX + p for p in (*seed_params, *ignored_params)}
+    params = [c for c in runs.columns if c.startswith(PARAM_PREFIX) and c not in skip]
+    columns = ["variant", "variant_id", "n_runs", "study", *params]
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    sizes = runs.groupby(VARIANT_KEY, sort=False).size().rename("n_runs")
+    table = runs.drop_duplicates(VARIANT_KEY).join(sizes, on=VARIANT_KEY)[columns]
     return table.sort_values("variant", kind="stable").reset_index(drop=True)
 
 
 def varying_params(variants: pd.DataFrame) -> list[str]:
     """Param names (no prefix) whose value differs between variants: the study's grid axes."""
-    out = []
-    for col in variants.columns:
-        if col.startswith(PARAM_PREFIX):
-            values = {json.dumps(_plain(v)) for v in variants[col]}
-            if len(values) > 1:
-                out.append(col[len(PARAM_PREFIX) :])
-    return out
+    return [
+        col[len(PARAM_PREFIX) :]
+        for col in variants.columns
+        if col.startswith(PARAM_PREFIX) and len({_text(v) for v in variants[col]}) > 1
+    ]

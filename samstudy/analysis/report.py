@@ -29,6 +29,7 @@ from samstudy.analysis.plots import (
     png_bytes,
 )
 from samstudy.analysis.schema import DEFAULT_ROOT, PARAM_PREFIX
+from samstudy.optim.presets import fmt
 
 
 @dataclass
@@ -116,10 +117,12 @@ def _inline_html(text: str) -> str:
 
 
 def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, tuple | list):  # a list param (typed list<double>): [1,0,0,0]
+        return fmt(list(value))
     return str(value)
 
 
@@ -230,8 +233,12 @@ def build_report(
     best_by: str = "test_acc",
     max_heatmaps: int = 3,
     min_effect: float = verdicts.DEFAULT_MIN_EFFECT,
+    descriptions: Mapping[str, str] | None = None,
 ) -> ReportResult:
-    """Build the report of one or several exported studies; returns the paths and tables."""
+    """Build the report of one or several exported studies; returns the paths and tables.
+
+    ``descriptions`` (study name -> its file's ``description``) are shown under the title.
+    """
     names = [studies] if isinstance(studies, str) else list(studies)
     title_name = "+".join(names)
     out = Path(out_dir) if out_dir is not None else Path(root) / "reports" / title_name
@@ -246,6 +253,9 @@ def build_report(
     doc = _Doc()
     figures: dict[str, bytes] = {}
     doc.h(1, f"Study report: {title_name}")
+    for name, text in (descriptions or {}).items():
+        if text.strip():
+            doc.p(f"{name}: {' '.join(text.split())}" if len(names) > 1 else " ".join(text.split()))
     n_variants = study.variants.shape[0]
     statuses = study.runs["status"].fillna("unknown").value_counts().sort_index()
     epochs = study.runs["num_steps"].dropna()

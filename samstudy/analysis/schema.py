@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ RUNS_FIXED_FIELDS: list[pa.Field] = [
     pa.field("study", STUDY_TYPE, nullable=False),
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("trial_id", pa.string(), nullable=False),
+    pa.field("variant", pa.string()),  # readable label of the config without the seed
+    pa.field("variant_id", pa.string()),  # hash of the config without the seed
     pa.field("run_name", pa.string()),
     pa.field("status", pa.string()),  # samstudy.status tag, else derived from the MLflow status
     pa.field("mlflow_status", pa.string()),
@@ -67,12 +69,19 @@ BEST_PREFIX = "best."
 
 
 def runs_schema(
-    param_keys: Iterable[str], tag_keys: Iterable[str], metric_keys: Iterable[str]
+    params: Mapping[str, pa.DataType] | Iterable[str],
+    tag_keys: Iterable[str],
+    metric_keys: Iterable[str],
 ) -> pa.Schema:
-    """The runs table's schema for a study: fixed fields, then sorted params, tags, final, best."""
+    """The runs table's schema for a study: fixed fields, then sorted params, tags, final, best.
+
+    ``params`` maps each param to its type (``samstudy.analysis.params``); bare names are
+    strings, as exports before typed params wrote them.
+    """
+    types = dict(params) if isinstance(params, Mapping) else dict.fromkeys(params, pa.string())
     metric_keys = sorted(set(metric_keys))
     fields = list(RUNS_FIXED_FIELDS)
-    fields += [pa.field(PARAM_PREFIX + k, pa.string()) for k in sorted(set(param_keys))]
+    fields += [pa.field(PARAM_PREFIX + k, types[k]) for k in sorted(types)]
     fields += [pa.field(TAG_PREFIX + k, pa.string()) for k in sorted(set(tag_keys))]
     fields += [pa.field(FINAL_PREFIX + k, pa.float64()) for k in metric_keys]
     fields += [pa.field(BEST_PREFIX + k, pa.float64()) for k in metric_keys]

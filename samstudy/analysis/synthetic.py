@@ -1,7 +1,8 @@
 """Studies with known contents, logged to MLflow in the samstudy layout (tests, benchmark, demos).
 
 ``log_study`` goes through the real MLflow client (parent run, child runs, tags, flattened params,
-per-epoch metrics with step = epoch), exactly as the study tracker does. ``bulk_insert_study``
+per-epoch metrics with step = epoch), exactly as the study tracker does, variant tags included
+(``variant_tags=False`` logs a run as versions before those tags did). ``bulk_insert_study``
 writes the same rows straight into a sqlite store's tables, which makes a 4-million-value store
 in seconds for the export benchmark.
 """
@@ -18,6 +19,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from samstudy import tags
+from samstudy.identity import identify, mlflow_params, unflatten_params
 
 BASE_TIME_MS = 1_700_000_000_000
 
@@ -45,7 +49,12 @@ def sqlite_store(path: str | os.PathLike[str]) -> str:
 
 @dataclass
 class TrialData:
-    """One trial: its config (flattened or nested), seed, and per-epoch metric lists."""
+    """One trial: its config (flattened or nested), seed, and per-epoch metric lists.
+
+    ``overrides`` are the paths the trial varies (the expansion's, for the variant label);
+    ``variant`` / ``variant_id`` default to what ``samstudy.identity.identify`` gives for the
+    config and overrides, as at expansion.
+    """
 
     run_name: str
     params: Mapping[str, Any]
@@ -53,6 +62,20 @@ class TrialData:
     status: str = "completed"
     trial_id: str | None = None
     extra_tags: Mapping[str, str] = field(default_factory=dict)
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    variant: str | None = None
+    variant_id: str | None = None
+
+    def variant_tags(self) -> dict[str, str]:
+        """The ``samstudy.variant`` / ``samstudy.variant_id`` tags of this trial."""
+        if self.variant and self.variant_id:
+            return {tags.VARIANT: self.variant, tags.VARIANT_ID: self.variant_id}
+        # Through the MLflow params and back: the config the export sees, nested or not.
+        ident = identify(unflatten_params(mlflow_params(self.params)), dict(self.overrides))
+        return {
+            tags.VARIANT: self.variant or ident["variant"],
+            tags.VARIANT_ID: self.variant_id or ident["variant_id"],
+        }
 
 
 def log_study(
@@ -60,32 +83,37 @@ def log_study(
     study: str,
     trials: Sequence[TrialData],
     epoch_ms: int = 1000,
+    variant_tags: bool = True,
 ) -> dict[str, str]:
-    """Log a study with the MLflow client; returns ``{trial_id: run_id}``."""
-    from mlflow.entities import Metric, Param
+    """Log a study with the MLflow client; returns ``{trial_id: run_id}``.
 
-    from samstudy.identity import mlflow_params
+    ``variant_tags=False`` leaves out ``samstudy.variant`` / ``samstudy.variant_id``, as
+    versions before them logged trials (the export then derives them).
+    """
+    from mlflow.entities import Metric, Param
 
     exp = client.get_experiment_by_name(study)
     exp_id = exp.experiment_id if exp else client.create_experiment(study)
     parent = client.create_run(
-        exp_id, run_name=study, tags={"samstudy.role": "parent", "samstudy.study": study}
+        exp_id, run_name=study, tags={tags.ROLE: tags.ROLE_PARENT, tags.STUDY: study}
     )
     ids: dict[str, str] = {}
     for index, trial in enumerate(trials):
         trial_id = trial.trial_id or f"t{index:04d}"
-        tags = {
-            "samstudy.role": "trial",
-            "samstudy.study": study,
-            "samstudy.trial_id": trial_id,
-            "samstudy.status": trial.status,
-            "samstudy.study_sha256": "0" * 64,
-            "samstudy.git_commit": "synthetic",
-            "samstudy.version": "0.1.0",
-            "mlflow.parentRunId": parent.info.run_id,
+        run_tags = {
+            tags.ROLE: tags.ROLE_TRIAL,
+            tags.STUDY: study,
+            tags.TRIAL_ID: trial_id,
+            tags.STATUS: trial.status,
+            tags.SHA: "0" * 64,
+            tags.GIT: "synthetic",
+            tags.VERSION: "0.1.0",
+            tags.OVERRIDES: json.dumps(dict(trial.overrides), sort_keys=True),
+            tags.PARENT: parent.info.run_id,
+            **(trial.variant_tags() if variant_tags else {}),
             **trial.extra_tags,
         }
-        run = client.create_run(exp_id, run_name=trial.run_name, tags=tags)
+        run = client.create_run(exp_id, run_name=trial.run_name, tags=run_tags)
         run_id = run.info.run_id
         # the study tracker's own writer (flatten_config + its string format): one params format
         params = [Param(k, v) for k, v in mlflow_params(trial.params).items()]
@@ -126,6 +154,7 @@ def bulk_insert_study(
     exp_id = exp.experiment_id if exp else client.create_experiment(study)
     template = client.create_run(exp_id, run_name="template")
     rng = random.Random(seed)
+    variant_of: dict[str, dict[str, str]] = {}  # identify once per distinct config
     conn = sqlite3.connect(db_path)
     try:
         conn.execute("PRAGMA synchronous = OFF")
@@ -143,20 +172,26 @@ def bulk_insert_study(
             name = f"same[{i // 3 % 4},0,0,0]-rho{0.05 * (1 + i // 12 % 4):.2f}-mlp-s{seed_i}"
             values.update(run_uuid=run_id, name=name, status="FINISHED")
             run_rows.append([values[c] for c in cols])
+            params = {
+                "optimizer.name": "same",
+                "optimizer.rho": str(0.05 * (1 + i // 12 % 4)),
+                "optimizer.scales": json.dumps([i // 3 % 4, 0, 0, 0]),
+                "seed": str(seed_i),
+                "epochs": str(epochs),
+            }
+            key = json.dumps({k: v for k, v in params.items() if k != "seed"}, sort_keys=True)
+            if key not in variant_of:
+                variant_of[key] = identify(unflatten_params(params))
             tag_rows += [
-                ("samstudy.role", "trial", run_id),
-                ("samstudy.trial_id", f"t{i:05d}", run_id),
-                ("samstudy.status", "completed", run_id),
-                ("samstudy.study", study, run_id),
+                (tags.ROLE, tags.ROLE_TRIAL, run_id),
+                (tags.TRIAL_ID, f"t{i:05d}", run_id),
+                (tags.STATUS, "completed", run_id),
+                (tags.STUDY, study, run_id),
+                (tags.VARIANT, variant_of[key]["variant"], run_id),
+                (tags.VARIANT_ID, variant_of[key]["variant_id"], run_id),
                 ("mlflow.runName", name, run_id),
             ]
-            param_rows += [
-                ("optimizer.name", "same", run_id),
-                ("optimizer.rho", str(0.05 * (1 + i // 12 % 4)), run_id),
-                ("optimizer.scales", json.dumps([i // 3 % 4, 0, 0, 0]), run_id),
-                ("seed", str(seed_i), run_id),
-                ("epochs", str(epochs), run_id),
-            ]
+            param_rows += [(k, v, run_id) for k, v in params.items()]
         marks = ",".join("?" * len(cols))
         conn.executemany(f"INSERT INTO runs ({','.join(cols)}) VALUES ({marks})", run_rows)
         conn.executemany("INSERT INTO tags (key, value, run_uuid) VALUES (?, ?, ?)", tag_rows)
