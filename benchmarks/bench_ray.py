@@ -42,7 +42,7 @@ class _Timeline:
     def __init__(self) -> None:
         from ray import tune
 
-        from samstudy.study.runner import TRIAL_START, epoch_results
+        from samstudy.study.worker import TRIAL_START, epoch_results
 
         timeline = self
 
@@ -92,7 +92,8 @@ def _study(tmp: Path, trials: int, epochs: int, every_checkpoint: bool = False) 
 def _measure(
     trials: int, epochs: int, concurrency: int, reuse: bool, every_checkpoint: bool = False
 ) -> dict[str, float]:
-    from samstudy.study.runner import REPORT_CLOCK, TRIAL_CLOCK, run_study
+    from samstudy.study.runner import run_study
+    from samstudy.study.worker import REPORT_CLOCK, TRIAL_CLOCK
 
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as folder:
         tmp = Path(folder)
@@ -193,7 +194,7 @@ def run(quick: bool = False) -> str:
             "waiting for Tune's driver), which is Tune overhead; the next column leaves it in. "
             "A worker's first trial imports torch and the trainer inside that time, as a "
             "standalone run would; later trials on a reused worker do not. Epochs reach the "
-            "driver in batches of about a second (`runner.REPORT_BATCH_S`). 'Pure training' "
+            "driver in batches of about a second (`worker.REPORT_BATCH_S`). 'Pure training' "
             "counts only the trainer's `epoch_time`. 'First trial running after' is Tune's "
             "set-up plus a new worker process importing Ray Tune (paid once per worker); the "
             "slot idle time between trials is the per-trial overhead of a reused worker. The "

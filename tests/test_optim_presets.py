@@ -113,3 +113,14 @@ def test_sam_damp_disagree_runs_from_sam_to_samanatomy() -> None:
     assert preset_table("sam_damp_disagree", beta=0.0) == preset_table("sam_where_agree")
     with pytest.raises(ValueError, match=r"optimizer\.beta: expected a number <= 1, got 2"):
         check_optimizer_config({"name": "sam_damp_disagree", "beta": 2})
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_typed_configs_pickle_by_reference(name: str) -> None:
+    """Ray pickles study specs (with their typed optimizer) to its workers: each member class
+    must be found by reference there, or a worker holds a foreign copy of the class."""
+    import pickle
+
+    config = TrialConfig.model_validate({"optimizer": {"name": name, **PRESETS[name].example}})
+    back = pickle.loads(pickle.dumps(config))
+    assert type(back.optimizer) is MEMBERS[name] and back == config

@@ -45,8 +45,8 @@ def test_sqlite_uris_are_made_absolute_against_the_project_root(
 def test_all_callers_share_the_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from samstudy.analysis.schema import DEFAULT_ROOT
     from samstudy.data.sources import resolve_root
-    from samstudy.study.runner import absolute_paths, resolve_storage_path
     from samstudy.settings import resolve_tracking_uri
+    from samstudy.study.runner import absolute_paths, resolve_storage_path
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

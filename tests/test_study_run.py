@@ -28,14 +28,14 @@ pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
 from ray import tune  # noqa: E402
 
-from samstudy.study.runner import (  # noqa: E402
+from samstudy.study.runner import run_study  # noqa: E402
+from samstudy.study.spec import StudySpec, study_from_mapping  # noqa: E402
+from samstudy.study.worker import (  # noqa: E402
     EARLIER_EPOCHS,
     REPORT_CLOCK,
     TRIAL_CLOCK,
     epoch_results,
-    run_study,
 )
-from samstudy.study.spec import StudySpec, study_from_mapping  # noqa: E402
 
 BASE = {
     "data": {"name": "digits"},

@@ -1,14 +1,19 @@
 """Interrupting the driver: ``samstudy study`` in a subprocess, stopped by SIGINT and by SIGKILL,
-then run again until the study completes with exactly one MLflow run per trial."""
+then run again until the study completes with exactly one MLflow run per trial; and a study
+started by the previous version of samstudy, resumed by this one."""
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -42,15 +47,19 @@ def write_study(tmp: Path) -> Path:
     return path
 
 
-def driver(study: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+def driver(study: Path, package: Path | None = None) -> subprocess.Popen:
+    """``samstudy study`` on ``study``; ``package``: a folder with another samstudy to run."""
+    drop = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PYTHONPATH")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if package is not None:  # first on the path of the driver and of its Ray workers
+        env["PYTHONPATH"] = str(package)
     command = [sys.executable, "-m", "samstudy", "study", str(study), "--num-cpus", "2"]
     command += ["--progress-interval", "0"]
     # Its own session: after a SIGKILL the test can still reap the Ray processes it started.
     return subprocess.Popen(
         command,
-        cwd=ROOT,
+        cwd=package or ROOT,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -120,6 +129,100 @@ def test_interrupted_driver_resumes_with_one_run_per_trial(tmp_path: Path) -> No
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
         assert run.data.tags["samstudy.status"] == "completed"
+    parents = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`samstudy.role` = 'parent'"
+    )
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+# -- a study started by the previous version -------------------------------------------------
+
+# The last commit before the study package was split into worker / callbacks / state /
+# searchspace / runner and the tracker into store / outbox: its experiments pickled
+# `samstudy.study.runner._Dispatch`, `_DropEarlierEpochs` and `_trial_dirname`.
+PREVIOUS = "4cb92f8"
+
+
+def previous_version(tmp: Path) -> Path:
+    """The samstudy package of :data:`PREVIOUS` (``git archive``: the checkout is untouched)."""
+    if shutil.which("git") is None:
+        pytest.skip("no git to fetch the previous version")
+    probe = subprocess.run(
+        ["git", "cat-file", "-e", f"{PREVIOUS}^{{commit}}"], cwd=ROOT, capture_output=True
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"commit {PREVIOUS} is not in this clone")
+    archive = subprocess.run(
+        ["git", "archive", PREVIOUS, "samstudy", "pyproject.toml"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    )
+    folder = tmp / "previous"
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(folder, filter="data")
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["grid", "search"])
+def test_study_of_the_previous_version_resumes(tmp_path: Path, kind: str) -> None:
+    """Started by the previous version and interrupted after a trial ended, a study resumes
+    with this one (Tune unpickles the old callbacks by their old paths, and a search study's
+    fingerprint was computed from an untyped optimizer) and ends with every epoch of every
+    trial exactly once in MLflow."""
+    old = previous_version(tmp_path)
+    base: dict[str, Any] = {
+        # An upgrade keeps the checkout, so both versions take relative data paths from the same
+        # project root; here the previous one runs from another folder, so the data root (which
+        # a search trial's checkpoint records) is absolute.
+        "data": {"name": "digits", "root": str(tmp_path / "data")},
+        "model": {"name": "mlp"},
+        # ints where the typed optimizer has floats: the previous fingerprint kept them
+        "optimizer": {"name": "same", "scales": [1, 0, 0, 0], "lr": 0.05, "rho": 0.05},
+        "epochs": EPOCHS,
+        "threads": 1,
+        "device": "cpu",
+        "checkpoint_every": 1,
+    }
+    study: dict[str, Any] = {
+        "name": "previous",
+        "base": base,
+        "checkpoint_min_s": 0,
+        "storage_path": str(tmp_path / "ray"),
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    if kind == "grid":
+        study["grid"] = {"seed": [0, 1, 2, 3]}
+    else:
+        rho = {"type": "float", "low": 0.01, "high": 0.2}
+        study["search"] = {"algorithm": "random", "metric": "test_acc", "mode": "max"}
+        study["search"].update(num_samples=4, seed=0, params={"optimizer.rho": rho})
+    path = tmp_path / "previous.yaml"
+    path.write_text(yaml.safe_dump(study))
+
+    first = driver(path, package=old)
+    run_until(first, " done]")  # a trial finished, the others have not
+    first.send_signal(signal.SIGINT)
+    code, out = finish(first)
+    assert code == 1 and "interrupted" in out, out
+    pickled = (tmp_path / "ray" / "previous" / "tuner.pkl").read_bytes()
+    assert b"samstudy.study.runner" in pickled and b"_Dispatch" in pickled
+
+    code, out = finish(driver(path))
+    assert code == 0 and "resuming study previous" in out and "complete" in out, out
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("previous")
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`samstudy.role` = 'trial'"
+    )
+    assert len({run.data.tags["samstudy.trial_id"] for run in runs}) == len(runs) == 4
+    for run in runs:
+        for key in ("epoch", "train_loss", "test_acc"):
+            history = client.get_metric_history(run.info.run_id, key)
+            assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), key
+        assert run.data.tags["samstudy.status"] == "completed"
+        assert run.info.status == "FINISHED"
     parents = client.search_runs(
         [experiment.experiment_id], filter_string="tags.`samstudy.role` = 'parent'"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 from pathlib import Path
@@ -9,12 +10,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from samstudy.study.tracking import (
-    StudyTracker,
-    TrackingError,
-    check_tracking_uri,
-    trial_metrics,
-)
+from samstudy.settings import TrackingError, check_tracking_uri
+from samstudy.study.callbacks import trial_metrics
+from samstudy.study.tracking import StudyTracker
 
 TRIAL = {
     "trial_id": "abc123def456",
@@ -53,9 +51,9 @@ def _history(uri: str, run_id: str, key: str = "loss") -> list[tuple[int, float]
 
 def _log(tracker: StudyTracker, epochs: range) -> None:
     for epoch in epochs:
-        tracker.log_result(
-            TRIAL, {"epoch": epoch, "loss": 1.0 / epoch, "status": "running", "pid": 7}
-        )
+        # a Tune result, reduced to its trial metrics as the tracking callback does
+        result = {"epoch": epoch, "loss": 1.0 / epoch, "status": "running", "pid": 7}
+        tracker.log_epoch(TRIAL, trial_metrics(result))
 
 
 def test_layout_params_tags_and_steps(uri: str) -> None:
@@ -195,7 +193,7 @@ def test_queued_epochs_are_written_in_few_batches(uri: str) -> None:
     tracker = StudyTracker(uri, "demo")
     _log(tracker, range(1, 121))  # queued before the writer starts: one run of 120 epochs
     _log(tracker, range(100, 131))  # a resumed trial re-reporting epochs 100..120
-    client = tracker._get_client()
+    client = tracker.store.client
     calls: list[int] = []
     log_batch = client.log_batch
 
@@ -219,12 +217,101 @@ def test_refused_epoch_in_a_batch_drops_only_itself(uri: str) -> None:
     """MLflow refusing one epoch of a queued batch: the others are still written, once."""
     tracker = StudyTracker(uri, "demo")
     for epoch in range(1, 6):
-        metrics = {"epoch": epoch, "loss": 1.0 / epoch, "status": "running"}
+        metrics = {"epoch": epoch, "loss": 1.0 / epoch}
         if epoch == 3:
             metrics["bad name!"] = 1.0  # an invalid metric name: a permanent refusal
-        tracker.log_result(TRIAL, metrics)
+        tracker.log_epoch(TRIAL, metrics)
     tracker.start()
     assert tracker.finish("complete", timeout=60) == 0
     (run,) = _runs(uri)
     assert [step for step, _ in _history(uri, run.info.run_id)] == [1, 2, 4, 5]
-    assert [op["epoch"] for op, _ in tracker.dropped] == [3]
+    assert [op.epoch for op, _ in tracker.dropped] == [3]
+
+
+def test_variant_tags_and_set_tag_on_every_start(uri: str) -> None:
+    trial = {**TRIAL, "variant": "sam-rho0.1-mlp-n0.4", "variant_id": "0123456789ab"}
+    first = StudyTracker(uri, "demo", overrides=["epochs=3", "optimizer.rho=0.1"])
+    first.start()
+    first.trial_started(trial)
+    first.finish("interrupted", timeout=30)
+    (run,) = _runs(uri)
+    assert run.data.tags["samstudy.variant"] == "sam-rho0.1-mlp-n0.4"
+    assert run.data.tags["samstudy.variant_id"] == "0123456789ab"
+    (parent,) = _runs(uri, role="parent")
+    assert json.loads(parent.data.tags["samstudy.set"]) == ["epochs=3", "optimizer.rho=0.1"]
+
+    again = StudyTracker(uri, "demo", overrides=["epochs=4"])  # the next start's --set
+    again.start()
+    again.finish("complete", timeout=30)
+    (parent,) = _runs(uri, role="parent")
+    assert json.loads(parent.data.tags["samstudy.set"]) == ["epochs=4"]
+
+    plain = StudyTracker(uri, "other")  # no --set: no tag; a trial without a variant: none
+    plain.start()
+    plain.trial_started(TRIAL)
+    plain.finish("complete", timeout=30)
+    (parent,) = _runs(uri, "other", role="parent")
+    assert "samstudy.set" not in parent.data.tags
+    (run,) = _runs(uri, "other")
+    assert "samstudy.variant" not in run.data.tags
+
+
+def test_spool_of_the_previous_version_replays(tmp_path: Path, uri: str) -> None:
+    """A spool written by an earlier version (plain dicts with an ``op`` key, trials without a
+    variant) is sent by the next run; an operation this version does not know is skipped."""
+    old = StudyTracker(uri, "demo")  # a run that the spooled --fresh purges
+    old.start()
+    _log(old, range(1, 3))
+    old.finish("complete", timeout=30)
+    (old_run,) = _runs(uri)
+
+    ts = 1_700_000_000_000
+    ops = [
+        {"op": "purge"},
+        {"op": "study"},
+        {"op": "status", "trial_id": TRIAL["trial_id"], "status": "running"},
+        {"op": "tags", "trial_id": TRIAL["trial_id"], "tags": {"samstudy.node_id": "n1"}},
+        *(
+            {
+                "op": "metrics",
+                "trial_id": TRIAL["trial_id"],
+                "epoch": e,
+                "metrics": {"epoch": float(e), "loss": 1.0 / e},
+                "ts": ts + e,
+            }
+            for e in (1, 2)
+        ),
+        {"op": "from_a_newer_version", "trial_id": TRIAL["trial_id"]},
+        {
+            "op": "status",
+            "trial_id": TRIAL["trial_id"],
+            "status": "completed",
+            "ts": ts + 3,
+            "tags": {"samstudy.retried": "true"},
+        },
+        {"op": "study_end", "status": "complete", "ts": ts + 4},
+    ]
+    spool = tmp_path / "spool.json"
+    spool.write_text(json.dumps({"trials": {TRIAL["trial_id"]: TRIAL}, "ops": ops}))
+
+    replay = StudyTracker(uri, "demo", spool_path=spool)
+    replay.start(announce=False)
+    assert replay.finish(None, timeout=30) == 0
+    assert not spool.exists()
+    assert MlflowClient(uri).get_run(old_run.info.run_id).info.lifecycle_stage == "deleted"
+    (run,) = _runs(uri)
+    assert run.info.run_id != old_run.info.run_id
+    assert run.info.run_name == TRIAL["name"] and run.info.status == "FINISHED"
+    assert run.info.end_time == ts + 3
+    assert run.data.params["optimizer.rho"] == "0.1"
+    tags = run.data.tags
+    assert tags["samstudy.status"] == "completed" and tags["samstudy.node_id"] == "n1"
+    assert tags["samstudy.retried"] == "true"
+    history = MlflowClient(uri).get_metric_history(run.info.run_id, "loss")
+    assert sorted((m.step, m.value, m.timestamp) for m in history) == [
+        (1, 1.0, ts + 1),
+        (2, 0.5, ts + 2),
+    ]
+    (parent,) = _runs(uri, role="parent")
+    assert parent.data.tags["samstudy.status"] == "complete"
+    assert parent.info.status == "FINISHED" and parent.info.end_time == ts + 4

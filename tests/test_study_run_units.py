@@ -11,19 +11,19 @@ from typing import Any
 import pytest
 
 from samstudy.study import cli
-from samstudy.study.runner import (
+from samstudy.study.callbacks import final_status
+from samstudy.study.runner import RunnerError, run_study
+from samstudy.study.searchspace import decode_overrides, search_space
+from samstudy.study.spec import StudySpec, study_from_mapping
+from samstudy.study.state import (
     STATE_FILE,
-    RunnerError,
-    _outcome,
-    absolute_paths,
-    decode_overrides,
-    final_status,
+    ExperimentFiles,
+    load_state,
+    outcome,
     resolve_storage_path,
-    run_study,
-    search_space,
     study_fingerprint,
 )
-from samstudy.study.spec import StudySpec, study_from_mapping
+from samstudy.study.worker import EARLIER_EPOCHS, EpochBatcher, absolute_paths, epoch_results
 
 BASE = {"data": {"name": "digits"}, "model": {"name": "mlp"}, "epochs": 2, "threads": 1}
 
@@ -92,16 +92,46 @@ def test_fingerprint_follows_the_trials_not_the_description(tmp_path: Path) -> N
     assert study_fingerprint(one, one.expand()) != study_fingerprint(three, three.expand())
 
 
+def test_search_study_of_the_previous_version_resumes_or_is_refused_clearly(
+    tmp_path: Path,
+) -> None:
+    """Up to commit 4cb92f8 the optimizer mapping was untyped: its dump, and so a search study's
+    fingerprint, kept ``scales: [1, 0, 0, 0]`` as ints. The value below is what that version
+    computed for this very study; its experiment must still resume."""
+    optimizer = {"name": "same", "scales": [1, 0, 0, 0], "rho": 0.1}
+    rho = {"type": "float", "low": 0.01, "high": 0.5}
+    search = {"num_samples": 2, "params": {"optimizer.rho": rho}}
+    spec = grid_study(tmp_path, grid=None, base={**BASE, "optimizer": optimizer}, search=search)
+    files = ExperimentFiles(str(tmp_path / "ray" / "unit"))
+    fingerprint = study_fingerprint(spec, [])
+    assert fingerprint != "6703ce23f8589e57"  # the typed dump has floats
+
+    def saved(**fields: Any) -> None:
+        state = {"study": "unit", "sha256": "0" * 64, "complete": False, "trials": {}}
+        files.write_text(STATE_FILE, json.dumps({**state, **fields}))
+
+    saved(fingerprint="6703ce23f8589e57")
+    state = load_state(files, spec, [], fingerprint)
+    assert state is not None and state["fingerprint"] == fingerprint  # saved anew when it runs
+
+    saved(fingerprint="0123456789abcdef")  # another search
+    with pytest.raises(RunnerError, match="trials changed.*Restore the file.*--fresh"):
+        load_state(files, spec, [], fingerprint)
+    saved(fingerprint="0123456789abcdef", sha256=spec.sha256)  # same file, other trials
+    with pytest.raises(RunnerError, match="file is unchanged.*samstudy.git_commit.*--fresh"):
+        load_state(files, spec, [], fingerprint)
+
+
 def test_outcome_and_final_status(tmp_path: Path) -> None:
     spec = grid_study(tmp_path)
     ids = [t.trial_id for t in spec.expand()]
     state = {"trials": {ids[0]: {"status": "completed"}, ids[1]: {"status": "diverged"}}}
-    assert _outcome(spec, ids, state) == "complete"
+    assert outcome(spec, ids, state) == "complete"
     state["trials"][ids[1]] = {"status": "failed"}
-    assert _outcome(spec, ids, state) == "failed"
+    assert outcome(spec, ids, state) == "failed"
     state["trials"][ids[1]] = {"status": "running"}
-    assert _outcome(spec, ids, state) == "interrupted"
-    assert _outcome(spec, ids, {"trials": {}}) == "interrupted"
+    assert outcome(spec, ids, state) == "interrupted"
+    assert outcome(spec, ids, {"trials": {}}) == "interrupted"
     assert final_status({"status": "diverged"}) == "diverged"
     assert final_status({"status": "running"}) == "stopped"  # ended early by ASHA
     assert final_status(None) == "stopped"
@@ -165,16 +195,20 @@ def test_ray_client_address_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_runner_import_leaves_torch_to_the_trial() -> None:
-    """A Tune worker imports the runner module before a trial starts: it must not pay for
-    torch there (the trial imports it, inside its own clock), nor the CLI for plan/validate."""
-    code = "import sys, samstudy.study.runner; print('torch' in sys.modules)"
+    """A Tune worker imports the trainable's module before a trial starts: it must not pay for
+    torch there (the trial imports it, inside its own clock), nor MLflow or Ray Tune's callbacks
+    (only the driver uses them); nor must the CLI pay for torch for plan/validate."""
+    code = (
+        "import sys, samstudy.study.worker as w; "
+        "print(w.trainable.__module__, *(m in sys.modules for m in ('torch', 'mlflow', "
+        "'ray.tune', 'samstudy.study.callbacks'))); "
+        "import samstudy.study.runner; print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.split() == ["samstudy.study.worker", *["False"] * 4, "False"]
 
 
 def test_epoch_results_unpack_batched_epochs() -> None:
-    from samstudy.study.runner import EARLIER_EPOCHS, epoch_results
-
     result = {"epoch": 3, EARLIER_EPOCHS: [{"epoch": 1}, {"epoch": 2}]}
     assert [r["epoch"] for r in epoch_results(result)] == [1, 2, 3]
     assert epoch_results({"epoch": 1}) == [{"epoch": 1}]
@@ -189,8 +223,6 @@ class _Clock:
 
 
 def test_epoch_batcher_holds_short_epochs_and_sends_each_once() -> None:
-    from samstudy.study.runner import EARLIER_EPOCHS, EpochBatcher, epoch_results
-
     sent: list[tuple[dict, object]] = []
     clock = _Clock()
     batcher = EpochBatcher(lambda m, s: sent.append((m, s)), batch_s=1.0, clock=clock)
@@ -217,8 +249,6 @@ def test_epoch_batcher_holds_short_epochs_and_sends_each_once() -> None:
 
 
 def test_epoch_batcher_keeps_a_checkpoint_at_most_every_checkpoint_min_s() -> None:
-    from samstudy.study.runner import EpochBatcher, epoch_results
-
     sent: list[tuple[dict, object]] = []
     clock = _Clock()
     batcher = EpochBatcher(
@@ -241,8 +271,6 @@ def test_epoch_batcher_keeps_a_checkpoint_at_most_every_checkpoint_min_s() -> No
 
 
 def test_epoch_batcher_flush_after_an_error_and_batch_zero() -> None:
-    from samstudy.study.runner import EpochBatcher, epoch_results
-
     sent: list[dict] = []
     batcher = EpochBatcher(lambda m, s: sent.append(m), batch_s=60.0)
     for n in (1, 2, 3):

@@ -230,6 +230,9 @@ def _member(preset: Preset) -> type[OptimizerBase]:
 
 MEMBERS: dict[str, type[OptimizerBase]] = {name: _member(p) for name, p in PRESETS.items()}
 _SEALED.append(True)
+# Module attributes, so that pickle (Ray ships study specs to its workers) finds each model by
+# reference; pickled by value instead, a worker would hold a second, foreign class of it.
+globals().update({cls.__name__: cls for cls in MEMBERS.values()})
 
 
 def _named(data: Any) -> Any:

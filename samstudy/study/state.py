@@ -1,0 +1,240 @@
+"""A study's experiment on disk: where it lives, whether it may resume, and how it ended.
+
+The Ray experiment lives in ``<storage_path>/<study name>`` (a local folder or a URI that every
+node reaches, read through pyarrow's filesystems). Beside Tune's own files it holds the state
+file ``samstudy_state.json``: the study's fingerprint (what must not change for Tune to resume
+it) and every trial's outcome as it happened, which decides whether the study is complete.
+:func:`reconcile` replays Tune's per-trial ``result.json`` into MLflow on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from samstudy import tags
+from samstudy.paths import absolute_path, project_root
+from samstudy.study.spec import StudySpec, TrialSpec
+
+if TYPE_CHECKING:  # callbacks imports this module
+    from samstudy.study.callbacks import TrackingCallback
+
+STATE_FILE = "samstudy_state.json"
+SPOOL_FILE = "samstudy_mlflow_spool.json"
+
+
+class RunnerError(RuntimeError):
+    """A study that cannot be run as asked (the message says why and what to do)."""
+
+
+# -- where -------------------------------------------------------------------------------------
+
+
+def is_uri(path: str) -> bool:
+    """``s3://...``, ``gs://...``: storage that every node reaches by itself."""
+    return "://" in path
+
+
+def resolve_storage_path(path: str | None, root: Path | None = None) -> str:
+    """Absolute storage path (Tune requires it): relative paths are taken from the project."""
+    if path is None:
+        return str((root or project_root()) / "results" / "ray")
+    if is_uri(path):
+        return path.rstrip("/")
+    return str(absolute_path(path, root))
+
+
+def experiment_path(storage: str, name: str) -> str:
+    """``<storage>/<name>``, on a URI or a local disk."""
+    return f"{storage}/{name}" if is_uri(storage) else str(Path(storage) / name)
+
+
+def spool_path(experiment: str, name: str, root: Path) -> Path:
+    """Where MLflow operations that could not be sent wait for the next run: in the experiment,
+    or on this machine when the experiment is on a URI (the spool is a local file)."""
+    if is_uri(experiment):
+        return root / "results" / "ray" / f"{name}.{SPOOL_FILE}"
+    return Path(experiment) / SPOOL_FILE
+
+
+class ExperimentFiles:
+    """Small text files in the experiment directory, local or on a URI (pyarrow filesystems)."""
+
+    def __init__(self, path: str) -> None:
+        import pyarrow.fs
+
+        self.path = path
+        self.fs, self.base = pyarrow.fs.FileSystem.from_uri(path)
+
+    def _info(self, rel: str = "") -> Any:
+        return self.fs.get_file_info(f"{self.base}/{rel}".rstrip("/"))
+
+    def exists(self, rel: str = "") -> bool:
+        """Whether ``rel`` (default: the experiment itself) exists."""
+        import pyarrow.fs
+
+        return self._info(rel).type != pyarrow.fs.FileType.NotFound
+
+    def read_text(self, rel: str) -> str | None:
+        """The text of ``rel``, None when there is no such file."""
+        if not self.exists(rel):
+            return None
+        with self.fs.open_input_stream(f"{self.base}/{rel}") as stream:
+            return stream.read().decode("utf-8")
+
+    def write_text(self, rel: str, text: str) -> None:
+        """Replace ``rel`` with ``text`` (atomically on a local disk)."""
+        self.fs.create_dir(self.base, recursive=True)
+        tmp = f"{self.base}/.{rel}.tmp"
+        with self.fs.open_output_stream(tmp) as stream:
+            stream.write(text.encode("utf-8"))
+        self.fs.move(tmp, f"{self.base}/{rel}")
+
+    def delete(self) -> None:
+        """Delete the whole experiment."""
+        if self.exists():
+            self.fs.delete_dir(self.base)
+
+    def subdirs(self) -> list[str]:
+        """The names of the experiment's folders (one per Tune trial)."""
+        import pyarrow.fs
+
+        if not self.exists():
+            return []
+        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self.base, recursive=False))
+        return [i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory]
+
+
+# -- may it resume ---------------------------------------------------------------------------
+
+
+def _fingerprint_payload(study: StudySpec, trials: Sequence[TrialSpec]) -> Any:
+    if study.search is None:
+        return sorted(t.trial_id for t in trials)
+    return {
+        "base": study.base.model_dump(mode="json"),
+        "search": study.search.model_dump(mode="json"),
+    }
+
+
+def _hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def study_fingerprint(study: StudySpec, trials: Sequence[TrialSpec]) -> str:
+    """What must not change for a study to be resumed: its trial ids (grid) or its search."""
+    return _hash(_fingerprint_payload(study, trials))
+
+
+def _integral_as_int(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _integral_as_int(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral_as_int(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _earlier_fingerprints(study: StudySpec, trials: Sequence[TrialSpec]) -> set[str]:
+    """The fingerprints earlier versions computed for this study.
+
+    Up to commit 4cb92f8 a search study's ``optimizer`` mapping was untyped, so its dump
+    kept the numbers as the file wrote them (``scales: [0, 0, 0, 0]``) where the typed one
+    dumps floats (trial ids never changed: they hash integral floats as ints).
+    """
+    payload = _fingerprint_payload(study, trials)
+    if study.search is None:
+        return set()
+    payload["base"]["optimizer"] = _integral_as_int(payload["base"]["optimizer"])
+    return {_hash(payload)}
+
+
+def load_state(
+    files: ExperimentFiles, study: StudySpec, trials: Sequence[TrialSpec], fingerprint: str
+) -> dict[str, Any] | None:
+    """The state of the study's earlier run (None if there is none); a state of another study
+    (changed trials) raises :class:`RunnerError` with what to do."""
+    text = files.read_text(STATE_FILE)
+    state = json.loads(text) if text else None
+    if state is None or state.get("fingerprint") == fingerprint:
+        return state
+    if state.get("fingerprint") in _earlier_fingerprints(study, trials):
+        state["fingerprint"] = fingerprint  # the same study, as an earlier version saw it
+        return state
+    if study.sha256 and state.get("sha256") == study.sha256 and not study.overrides:
+        raise RunnerError(
+            f"{study.path}: the study file is unchanged, but this samstudy version makes other "
+            f"trials of it than the version that started it in {files.path} (Ray Tune cannot "
+            "resume a changed search space). Finish it with that version (its commit is the "
+            f"{tags.GIT} tag of the study's MLflow parent run), or run it again with "
+            "--fresh to start over (which deletes the old Ray results and MLflow runs)."
+        )
+    raise RunnerError(
+        f"{study.path}: the study's trials changed since it started in {files.path} "
+        "(Ray Tune cannot resume a changed search space). Restore the file, or run it "
+        "again with --fresh to start over (which deletes the old Ray results and MLflow runs)."
+    )
+
+
+def new_state(study: StudySpec, fingerprint: str) -> dict[str, Any]:
+    """The outcome record of a study that starts from scratch."""
+    return {
+        "study": study.name,
+        "fingerprint": fingerprint,
+        "sha256": study.sha256,
+        "complete": False,
+        "trials": {},
+    }
+
+
+def save_state(files: ExperimentFiles, state: Mapping[str, Any]) -> None:
+    """Write the state file."""
+    files.write_text(STATE_FILE, json.dumps(state, indent=1))
+
+
+def done_count(state: Mapping[str, Any]) -> int:
+    """Trials that ended in a way a rerun does not start again."""
+    return sum(1 for v in state["trials"].values() if v["status"] in tags.DONE_STATUSES)
+
+
+def outcome(study: StudySpec, trial_ids: Sequence[str], state: Mapping[str, Any]) -> str:
+    """``complete`` (every trial done), ``failed`` (every trial ended, some failed) or
+    ``interrupted``, from the recorded outcomes."""
+    recorded = state.get("trials", {})
+    if study.search is None:
+        statuses = [recorded.get(t, {}).get("status") for t in trial_ids]
+    else:
+        statuses = [v.get("status") for v in recorded.values()]
+        statuses += [None] * max(0, study.search.num_samples - len(statuses))
+    if all(s in tags.DONE_STATUSES for s in statuses):
+        return "complete"
+    if all(s in tags.TERMINAL_STATUSES for s in statuses):
+        return "failed"
+    return "interrupted"
+
+
+# -- reconcile MLflow with Tune's own results ------------------------------------------------
+
+
+def tune_results(files: ExperimentFiles) -> Iterator[dict[str, Any]]:
+    """Every result in the experiment's ``<trial folder>/result.json`` files (Tune's JSON
+    logger); a line cut short by a kill is skipped."""
+    for sub in files.subdirs():
+        text = files.read_text(f"{sub}/result.json")
+        for line in (text or "").splitlines():
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue
+
+
+def reconcile(
+    files: ExperimentFiles, tracking: TrackingCallback, state: Mapping[str, Any] | None
+) -> int:
+    """Queue every epoch in Tune's ``result.json`` files (and the recorded outcomes) for MLflow;
+    returns the epochs read. Logged epochs are skipped, so this only fills gaps."""
+    return tracking.replay(tune_results(files), (state or {}).get("trials", {}))

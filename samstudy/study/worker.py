@@ -1,0 +1,200 @@
+"""What runs inside a Ray worker: the Tune trainable and the helpers it shares with the driver.
+
+The trainable runs ``samstudy.train.run_trial`` with a ``report`` adapter (:class:`EpochBatcher`)
+that saves the checkpoint dict with ``torch.save`` and hands it to ``ray.tune.report``; a
+retried or restored trial continues from ``ray.tune.get_checkpoint()`` (loaded with
+``weights_only=True``). The result keys defined here (the worker's clocks, the batched epochs,
+the wall time of an epoch) are read on the driver by ``samstudy.study.callbacks``.
+
+A worker imports this module before its first trial, so it stays light: torch, Ray and the
+trainer are imported inside :func:`trainable` (within the trial's own clock), never MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from samstudy.paths import absolute_path, project_root
+from samstudy.study.searchspace import decode_overrides
+from samstudy.study.spec import StudySpec, TrialSpec
+
+CHECKPOINT_FILE = "trial.pt"
+# Worker-side clocks in every Tune result (see `trainable`); `_` keeps them out of MLflow.
+TRIAL_CLOCK = "_trial_wall_s"
+REPORT_CLOCK = "_in_report_s"
+TRIAL_START = "_trial_start_time"  # time.time() when the trainable started
+# An epoch's wall-clock time (seconds) when the worker produced it: the MLflow timestamp of its
+# metrics (epochs reach the driver in batches).
+WALL_TIME = "_wall_time"
+# A worker collects epochs for up to this many seconds before one `tune.report` (see `trainable`).
+REPORT_BATCH_S = 1.0
+EARLIER_EPOCHS = "_earlier_epochs"  # the collected epochs before a result's own
+
+
+def trainable(
+    config: dict[str, Any],
+    study: StudySpec | None = None,
+    root: str | None = None,
+    batch_s: float = REPORT_BATCH_S,
+    checkpoint_min_s: float = 0.0,
+) -> None:
+    """Ray Tune function trainable: one samstudy trial.
+
+    ``config`` is ``{"trial": TrialSpec-as-dict}`` (grid) or ``{"overrides": {...}}`` (search,
+    built into a trial with ``study.trial_from_overrides``; ``root`` is the driver's project
+    folder, against which relative data paths are resolved).
+
+    Epochs are reported in batches (:class:`EpochBatcher`): ``tune.report`` waits for a round
+    trip to Tune's driver (~10 ms), which for epochs of a few milliseconds would be most of a
+    short trial's Tune overhead. ``batch_s = 0`` reports every epoch (for schedulers that act on
+    each result, such as ASHA). If the trial raises, the held epochs are sent first. A
+    checkpoint less than ``checkpoint_min_s`` after the last one kept (or the trial's start) is
+    dropped, except on the last epoch (the study's ``checkpoint_min_s``).
+
+    Every result carries worker-side clocks (left out of MLflow by their ``_`` prefix):
+    ``TRIAL_CLOCK`` (seconds since this call started, imports included), ``REPORT_CLOCK``
+    (seconds spent inside earlier ``tune.report`` calls: persisting checkpoints and waiting for
+    Tune's driver) and ``TRIAL_START`` (the wall-clock start). The difference of the first two at
+    the last result is the trial's own time.
+
+    The function's name is part of every Tune experiment (``Tuner.restore`` checks it): keep it.
+    """
+    started_at, started = time.time(), time.perf_counter()
+    import ray
+    import torch
+    from ray import tune
+
+    from samstudy.train import run_trial
+
+    # Tune logs every persisted checkpoint at INFO; one line per epoch per trial drowns the view.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    trial = resolve_trial(config, study, root=Path(root) if root else None)
+    node_id = ray.get_runtime_context().get_node_id()  # which node ran it, for the MLflow tags
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = torch.load(
+                Path(folder) / CHECKPOINT_FILE, weights_only=True, map_location="cpu"
+            )
+    in_report = 0.0
+
+    def send(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        nonlocal in_report
+        metrics.update({"node_id": node_id, REPORT_CLOCK: in_report, TRIAL_START: started_at})
+        with contextlib.ExitStack() as stack:
+            ckpt = None
+            if state is not None:
+                # Tune copies the folder into the experiment storage inside report(), so a
+                # temporary folder is enough.
+                folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="samstudy-ckpt-"))
+                torch.save(state, Path(folder) / CHECKPOINT_FILE)
+                ckpt = tune.Checkpoint.from_directory(folder)
+            metrics[TRIAL_CLOCK] = time.perf_counter() - started
+            begin = time.perf_counter()
+            tune.report(metrics, checkpoint=ckpt)
+            in_report += time.perf_counter() - begin
+
+    batcher = EpochBatcher(send, batch_s, checkpoint_min_s)
+    try:
+        run_trial(trial["config"], batcher, resume=resume)
+    except Exception:
+        batcher.flush()  # the epochs before the error reach MLflow even if no retry is left
+        raise
+
+
+class EpochBatcher:
+    """The trainer's ``report(metrics, checkpoint)`` that holds short epochs back.
+
+    An epoch is held while less than ``batch_s`` seconds passed since the last send; it goes out
+    later with the next result sent, under ``EARLIER_EPOCHS``. A result is sent at once when it
+    carries a checkpoint (nothing before a checkpoint can be lost), is the last one (status
+    other than ``running``), or ``batch_s`` has passed. A checkpoint that comes less than
+    ``checkpoint_min_s`` after the last one sent (or after the start) is dropped, unless it is
+    the last epoch's. Every epoch gets ``WALL_TIME``.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[dict[str, Any], dict[str, Any] | None], None],
+        batch_s: float,
+        checkpoint_min_s: float = 0.0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.send = send
+        self.batch_s = batch_s
+        self.checkpoint_min_s = checkpoint_min_s
+        self.clock = clock
+        self.held: list[dict[str, Any]] = []
+        self.last_sent = self.last_checkpoint = clock()
+
+    def __call__(self, metrics: Mapping[str, Any], state: dict[str, Any] | None = None) -> None:
+        metrics = {WALL_TIME: time.time(), **metrics}
+        final = metrics.get("status") != "running"
+        now = self.clock()
+        if state is not None and not final and now - self.last_checkpoint < self.checkpoint_min_s:
+            state = None
+        if state is None and not final and now - self.last_sent < self.batch_s:
+            self.held.append(metrics)
+            return
+        if state is not None:
+            self.last_checkpoint = now
+        self._send(metrics, state)
+
+    def flush(self) -> None:
+        """Send the held epochs now (the last one as the result)."""
+        if self.held:
+            self._send(self.held.pop(), None)
+
+    def _send(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        metrics[EARLIER_EPOCHS] = self.held
+        self.held = []
+        self.send(metrics, state)
+        self.last_sent = self.clock()
+
+
+def epoch_results(result: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The per-epoch results in one Tune result: the epochs batched before it, then itself."""
+    return [*result.get(EARLIER_EPOCHS, ()), result]
+
+
+def absolute_paths(config: Mapping[str, Any], root: Path) -> dict[str, Any]:
+    """A copy of ``config`` with its file paths absolute: Tune runs trials in their own dirs."""
+    out = copy.deepcopy(dict(config))
+    data = out.get("data")
+    if isinstance(data, dict) and isinstance(data.get("root"), str):
+        data["root"] = str(absolute_path(data["root"], root))
+    noise = out.get("noise")
+    if isinstance(noise, dict) and isinstance(noise.get("label_file"), str):
+        noise["label_file"] = str(absolute_path(noise["label_file"], root))
+    return out
+
+
+def resolve_trial(
+    config: Mapping[str, Any],
+    study: StudySpec | None,
+    tune_trial_id: str | None = None,
+    root: Path | None = None,
+) -> dict[str, Any]:
+    """The samstudy trial (plain dict) behind a Tune trial's config.
+
+    A search study's sampled points may repeat, so its trial ids get the Tune trial id appended:
+    every sample keeps its own MLflow run.
+    """
+    if "trial" in config:  # from_dict: a trial of an older version gets its variant
+        return TrialSpec.from_dict(dict(config["trial"])).to_dict()
+    if study is None:  # run_study always passes it: a programming error, not a user's
+        raise ValueError("a search trial needs its study spec")
+    overrides = decode_overrides(study, dict(config["overrides"]))
+    trial = study.trial_from_overrides(overrides).to_dict()
+    trial["config"] = absolute_paths(trial["config"], root or project_root())
+    if tune_trial_id:
+        trial["trial_id"] = f"{trial['trial_id']}-{tune_trial_id}"
+    return trial
