@@ -12,6 +12,7 @@ PyYAML are imported here.
 
 from __future__ import annotations
 
+import argparse
 import re
 import typing
 from collections.abc import Iterable
@@ -107,6 +108,19 @@ def read_yaml(path: str | Path) -> Any:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return parse_yaml(text, str(path))
+
+
+def add_set_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """The ``--set KEY.PATH=VALUE`` option (repeatable) of ``train``, ``plan`` and ``study``;
+    the assignments land in ``args.overrides``, for :func:`apply_override`."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help=f"override {what}; VALUE is read as YAML (repeatable), e.g. optimizer.rho=1e-2",
+    )
 
 
 def apply_override(

@@ -181,16 +181,22 @@ TRACKING_MESSAGE = "tracking.experimnet: unknown key 'experimnet' (did you mean 
 COMMANDS = ["train", "plan", "study", "export", "report"]
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("case", ["duplicate key", "not a number", "unknown tracking key"])
+# Every command with every malformed input it reads: export and report read a study's
+# description and tracking block, not its base; a trial config has no tracking block.
+CASES = [
+    (command, case)
+    for command in COMMANDS
+    for case in ("duplicate key", "not a number", "unknown tracking key")
+    if not (command in ("export", "report") and case == "not a number")
+    and not (command == "train" and case == "unknown tracking key")
+]
+
+
+@pytest.mark.parametrize(("command", "case"), CASES)
 def test_every_command_refuses_the_same_input_the_same_way(
     tmp_path: Path, command: str, case: str
 ) -> None:
     """Exit status 2, ``samstudy <command>: <file>: <field>: <message>``, nothing started."""
-    if command in ("export", "report") and case == "not a number":
-        pytest.skip("export and report read a study's description and tracking, not its base")
-    if command == "train" and case == "unknown tracking key":
-        pytest.skip("a trial config has no tracking block")
     if command == "train":
         path = tmp_path / "trial.yaml"
         path.write_text(DUPLICATE if case == "duplicate key" else NOT_A_NUMBER)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from samstudy.configio import add_set_option
 from samstudy.study.spec import StudyError, load_study
 
 
@@ -23,15 +24,7 @@ def _studies_dir(value: str | None) -> Path:
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a field of the study's base config for every trial, as `samstudy train "
-        "--set` does; VALUE is YAML (repeatable), e.g. optimizer.rho=1e-2",
-    )
+    add_set_option(parser, "a field of the study's base config for every trial")
 
 
 def plan_main(argv: list[str]) -> int:

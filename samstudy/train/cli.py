@@ -33,14 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", metavar="FILE.yaml", help="trial config (YAML mapping); default: all defaults"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override one field; VALUE is parsed as YAML (repeatable), e.g. optimizer.rho=0.1",
-    )
+    configio.add_set_option(parser, "one field")
     parser.add_argument(
         "--out", metavar="metrics.json", default="metrics.json", help="metrics JSON file"
     )
