@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "samstudy"
-MAX_LINES = 420  # "about 400"
+MAX_LINES = 400
 LONG_REASON = "Long because"
 
 

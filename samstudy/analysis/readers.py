@@ -6,6 +6,9 @@ tracking server: ``search_runs`` pages plus the server's bulk history endpoint
 (``/ajax-api/2.0/mlflow/metrics/get-history-bulk``: up to 100 runs per call, every logged value).
 Neither path makes one call per run and metric; other stores fall back to the client loop.
 Every reader returns a :class:`RawStudy`: runs with MLflow's strings, metrics as an Arrow table.
+
+Long because the three readers share their record types, the not-found message and the
+redaction of passwords; each is one function a reader follows top to bottom.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ the first pass at w. Nothing in a step synchronises with the host.
 
 The ``sgd`` preset (``two_step = False``) runs one forward/backward and the base step; its
 ``train_step`` has the same signature, so the trainer never branches.
+
+Long because the whole step protocol (both passes, m-sharpness, the three second-gradient modes,
+the rule and the statistics) is one code path, read top to bottom as in the one-file SAM port.
 """
 
 from __future__ import annotations

@@ -33,20 +33,6 @@ from samstudy.identity import identify
 from samstudy.settings import Tracking
 from samstudy.train.config import EPOCH_METRICS, TrialConfig
 
-__all__ = [
-    "METRICS",
-    "AshaSpec",
-    "ParamSpec",
-    "Resources",
-    "SearchSpec",
-    "StudyError",
-    "StudySpec",
-    "Tracking",
-    "TrialSpec",
-    "load_study",
-    "study_from_mapping",
-]
-
 # Metric names a search may optimise (the trainer's per-epoch metrics).
 METRICS = EPOCH_METRICS
 
