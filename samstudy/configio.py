@@ -4,10 +4,11 @@ Every command that reads a config (``train --config/--set``, ``plan``, ``study``
 ``report``) goes through :func:`read_yaml` / :func:`parse_yaml` and reports problems with
 :func:`problems` as ``<file>: <field.path>: <what is wrong and what is allowed>``.
 
-The loader is ``yaml.SafeLoader`` with two changes: numbers are read as YAML 1.2 and JSON read
-them (PyYAML's YAML 1.1 rules make ``5e-4`` and ``1E3`` strings), and a key written twice in one
-mapping is refused with both lines (plain YAML keeps the last one silently). Only pydantic and
-PyYAML are imported here.
+The loader is ``yaml.SafeLoader`` with two changes: plain scalars are read by YAML 1.2's core
+schema, as JSON reads them (PyYAML implements YAML 1.1, where ``5e-4`` and ``1E3`` are strings,
+``yes`` is a boolean, ``010`` is eight and ``2024-01-02`` a date; here they are numbers, a
+string, ten and a string), and a key written twice in one mapping is refused with both lines
+(plain YAML keeps the last one silently). Only pydantic and PyYAML are imported here.
 """
 
 from __future__ import annotations
@@ -42,42 +43,62 @@ class ConfigError(ValueError):
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 floats and duplicate keys refused (see the module docstring)."""
+    """SafeLoader with YAML 1.2 scalars and duplicate keys refused (see the module docstring)."""
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, first: yaml.Mark, again: yaml.Mark) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.again = key, first, again
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> Any:
-    seen: dict[Any, int] = {}
+    seen: dict[Any, yaml.Mark] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
         if key in seen:
-            raise yaml.constructor.ConstructorError(
-                "while reading a mapping",
-                node.start_mark,
-                f"duplicate key {key!r} (first on line {seen[key] + 1}, again on line "
-                f"{key_node.start_mark.line + 1})",
-                key_node.start_mark,
-            )
-        seen[key] = key_node.start_mark.line
+            raise _DuplicateKeyError(key, seen[key], key_node.start_mark)
+        seen[key] = key_node.start_mark
     return loader.construct_mapping(node, deep=deep)
 
 
-# PyYAML copies the resolvers of its base class on the first add, so SafeLoader keeps its own.
+def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
+    if digits.startswith(("0x", "0o")):
+        return sign * int(digits[2:], 16 if digits[1] == "x" else 8)
+    return sign * int(digits, 10)  # 010 is ten, as in YAML 1.2 (YAML 1.1: eight)
+
+
+# YAML 1.2's core schema for the implicit scalars (PyYAML implements YAML 1.1, where `5e-4` is a
+# string, `yes` a boolean, `010` eight, `1:30` ninety and `2024-01-02` a date). PyYAML copies the
+# resolvers of its base class on the first add, so SafeLoader keeps its own.
+_CORE = {f"tag:yaml.org,2002:{kind}" for kind in ("bool", "int", "float", "timestamp")}
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _CORE]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+    list("-+0123456789"),
+)
+_Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?
         |[-+]?\.(?:inf|Inf|INF)
         |\.(?:nan|NaN|NAN))$""",
         re.VERBOSE,
     ),
     list("-+0123456789."),
 )
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)  # type: ignore[arg-type]
 _Loader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
     _construct_mapping,  # type: ignore[arg-type]
@@ -88,6 +109,12 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
     """YAML text -> plain data (mappings, lists, str, int, float, bool, None); ConfigError if bad."""
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKeyError as exc:
+        raise ConfigError(
+            f"{source}: duplicate key {exc.key!r} at line {exc.again.line + 1}, column "
+            f"{exc.again.column + 1} (first on line {exc.first.line + 1}); a key may appear "
+            "once per mapping"
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown line"

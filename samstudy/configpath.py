@@ -81,7 +81,7 @@ def _unwrap(annotation: Any) -> Any:
 
 
 def tagged_members(annotation: Any) -> dict[str, type[BaseModel]]:
-    """The members of a tagged union of sections, by tag (``{"same": SameOptimizer, ...}``).
+    """The members of a tagged union of sections, by tag (``{"same": SameConfig, ...}``).
 
     A tagged union (the ``optimizer:`` mapping, one section per preset) is a union of pydantic
     models that each fix one shared field to a single literal; pydantic puts that tag into an

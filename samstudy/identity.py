@@ -18,11 +18,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from samstudy.optim.config import LABELLED_KNOBS, optimizer_label
 from samstudy.optim.presets import PRESETS, fmt
+from samstudy.paths import project_root
 
 SEED_PATH = "seed"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -84,10 +86,20 @@ def _without(config: Mapping[str, Any], path: str) -> None:
 
 
 def variant_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``config`` without the seed and the placement fields."""
+    """A copy of ``config`` without the seed and the placement fields.
+
+    A label file inside the project is named relative to it: the runner hands trials absolute
+    paths (Ray workers run elsewhere), and a variant must not depend on which copy was hashed.
+    """
     out = copy.deepcopy(dict(config))
     for path in (SEED_PATH, *PLACEMENT_PATHS):
         _without(out, path)
+    noise = out.get("noise")
+    label_file = noise.get("label_file") if isinstance(noise, dict) else None
+    if isinstance(label_file, str) and os.path.isabs(label_file):
+        root = str(project_root())
+        if os.path.commonpath([root, label_file]) == root:
+            noise["label_file"] = os.path.relpath(label_file, root)
     return out
 
 

@@ -100,8 +100,16 @@ def tracking_target(
     experiment: str | None = None,
     tracking: Tracking | None = None,
     root: Path | None = None,
+    writing: bool = True,
 ) -> tuple[str, str]:
-    """(tracking URI, experiment) of study ``name``; ``tracking`` is its file's block."""
+    """(tracking URI, experiment) of study ``name``; ``tracking`` is its file's block.
+
+    ``writing``: refuse the MLflow file store (a study writes; an export may still read one,
+    where MLflow is told to allow it).
+    """
     tracking = tracking or Tracking()
-    uri = resolve_tracking_uri(tracking_uri, tracking.tracking_uri, root)
+    if writing:
+        uri = resolve_tracking_uri(tracking_uri, tracking.tracking_uri, root)
+    else:
+        uri = paths.resolve_tracking_uri(tracking_uri or tracking.tracking_uri, root)
     return uri, experiment or tracking.experiment or name

@@ -77,8 +77,13 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _imports(path: Path, module: str, top_level_only: bool) -> set[str]:
-    """samstudy modules imported by ``path`` (module level only, or anywhere)."""
+def _imports(path: Path, module: str, top_level_only: bool, modules: set[str]) -> set[str]:
+    """The samstudy modules ``path`` imports (at import time only, or anywhere).
+
+    ``from package import name`` is an import of the submodule ``package.name`` when there is
+    one, else of ``package`` itself (a name its ``__init__`` defines): a submodule that takes a
+    name from its own package's ``__init__`` depends on it, the classic partial-import circle.
+    """
     tree = ast.parse(path.read_text())
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     nodes: list[ast.AST] = []
@@ -99,15 +104,18 @@ def _imports(path: Path, module: str, top_level_only: bool) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base]) if base else ".".join(anchor)
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
-    return {name for name in found if name.split(".")[0] == "samstudy"}
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+    return {name for name in found if name in modules and name != module}
 
 
 def test_analysis_never_imports_study() -> None:
+    modules = _modules()
     offenders = {
-        module: sorted(i for i in _imports(path, module, False) if i.startswith("samstudy.study"))
-        for module, path in _modules().items()
+        module: sorted(
+            i for i in _imports(path, module, False, set(modules)) if i.startswith("samstudy.study")
+        )
+        for module, path in modules.items()
         if module.startswith("samstudy.analysis")
     }
     assert not {m: i for m, i in offenders.items() if i}, offenders
@@ -115,17 +123,7 @@ def test_analysis_never_imports_study() -> None:
 
 def test_module_level_imports_form_no_circle() -> None:
     modules = _modules()
-    graph = {
-        module: {
-            target
-            for target in _imports(path, module, True)
-            if target in modules and target != module
-        }
-        for module, path in modules.items()
-    }
-    # a package's __init__ importing its own submodules is how packages work, not a circle
-    for module in graph:
-        graph[module] = {t for t in graph[module] if not module.startswith(t + ".")}
+    graph = {module: _imports(path, module, True, set(modules)) for module, path in modules.items()}
     state: dict[str, int] = {}
     stack: list[str] = []
 

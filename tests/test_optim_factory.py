@@ -134,3 +134,20 @@ def test_params_as_groups_and_named_pairs():
     assert opt._given_names == {id(a): "first", id(b): "second"}
     with pytest.raises(ValueError, match="empty"):
         create_optimizer([])
+
+
+def test_the_config_forms_of_create_optimizer_agree():
+    from samstudy.optim import parse_optimizer_config
+
+    knobs = {"name": "saner", "alpha": 0.5, "lr": 0.1, "momentum": 0.9}
+    built = [
+        create_optimizer(params(), **knobs),
+        create_optimizer(params(), knobs),
+        create_optimizer(params(), parse_optimizer_config(knobs)),
+        create_optimizer(params(), "saner", alpha=0.5, lr=0.1, momentum=0.9),  # name positional
+    ]
+    for opt in built:
+        assert opt.name == "saner" and opt.rule.table == built[0].rule.table
+        assert opt.base_optimizer.defaults["momentum"] == 0.9
+    with pytest.raises(TypeError, match="not both"):
+        create_optimizer(params(), knobs, lr=0.2)

@@ -106,6 +106,21 @@ def test_identity_of_a_config() -> None:
     assert re.fullmatch(r"[0-9a-f]{12}", ident["variant_id"])
 
 
+def test_a_label_file_names_one_variant_relative_or_absolute() -> None:
+    from samstudy.identity import variant_id
+    from samstudy.paths import project_root
+
+    config = TrialConfig.model_validate(
+        {"noise": {"kind": "human", "label_file": "labels/c10n.pt"}}
+    ).model_dump(mode="json")
+    absolute = {
+        **config,
+        "noise": {**config["noise"], "label_file": str(project_root() / "labels/c10n.pt")},
+    }
+    elsewhere = {**config, "noise": {**config["noise"], "label_file": "/elsewhere/c10n.pt"}}
+    assert variant_id(absolute) == variant_id(config) != variant_id(elsewhere)
+
+
 def test_sam_damp_disagree_runs_from_sam_to_samanatomy() -> None:
     from samstudy.optim import preset_table
 

@@ -117,9 +117,29 @@ def test_search_study_of_the_previous_version_resumes_or_is_refused_clearly(
     saved(fingerprint="0123456789abcdef")  # another search
     with pytest.raises(RunnerError, match="trials changed.*Restore the file.*--fresh"):
         load_state(files, spec, [], fingerprint)
+    saved(fingerprint="0123456789abcdef", overrides=["epochs=1"])  # another --set
+    with pytest.raises(RunnerError, match=r"with --set \['epochs=1'\] and now runs with --set"):
+        load_state(files, spec, [], fingerprint)
     saved(fingerprint="0123456789abcdef", sha256=spec.sha256)  # same file, other trials
     with pytest.raises(RunnerError, match="file is unchanged.*samstudy.git_commit.*--fresh"):
         load_state(files, spec, [], fingerprint)
+
+
+def test_search_study_of_the_previous_version_with_mixed_numbers_resumes(tmp_path: Path) -> None:
+    """The previous version hashed the optimizer mapping as written: ints and floats mixed
+    (``[1.0, 0, -0.0, 2]``, ``rho: 1``). The value is what commit 4cb92f8 computed for it."""
+    optimizer = {"name": "same", "scales": [1.0, 0, -0.0, 2], "rho": 1, "lr": 0.1}
+    search = {
+        "num_samples": 2,
+        "params": {"optimizer.rho": {"type": "float", "low": 0.01, "high": 0.5}},
+    }
+    spec = grid_study(tmp_path, grid=None, base={**BASE, "optimizer": optimizer}, search=search)
+    files = ExperimentFiles(str(tmp_path / "ray" / "unit"))
+    state = {"study": "unit", "sha256": "0" * 64, "complete": False, "trials": {}}
+    files.write_text(STATE_FILE, json.dumps({**state, "fingerprint": "0ccb8be56cbaf516"}))
+    fingerprint = study_fingerprint(spec, [])
+    assert fingerprint != "0ccb8be56cbaf516"
+    assert load_state(files, spec, [], fingerprint)["fingerprint"] == fingerprint
 
 
 def test_outcome_and_final_status(tmp_path: Path) -> None:

@@ -293,7 +293,11 @@ BAD = [
     ("empty file", "", ["is empty"]),
     ("comment-only file", "# nothing\n", ["is empty"]),
     ("yaml syntax", "name: s\nbase:\n  epochs: [3\n", ["YAML syntax error at line", "line"]),
-    ("duplicate yaml key", "name: s\nname: s\n", ["duplicate key 'name'", "line 1"]),
+    (
+        "duplicate yaml key",
+        "name: s\nname: s\n",
+        ["duplicate key 'name' at line 2, column 1", "first on line 1"],
+    ),
     ("top level not a mapping", "- a\n- b\n", ["top level must be a mapping"]),
     ("unknown top key", BASE + "grdi: {}\n", ["grdi", "did you mean 'grid'", "allowed:"]),
     (

@@ -41,7 +41,7 @@ def export_source(
     from samstudy.settings import study_settings, tracking_target
 
     tracking = study_settings(name, studies_dir).tracking
-    return tracking_target(name, tracking_uri, experiment, tracking)
+    return tracking_target(name, tracking_uri, experiment, tracking, writing=False)
 
 
 def export_main(argv: list[str] | None = None) -> int:

@@ -8,16 +8,24 @@ seeds, a metric that stays 0), where the interval is simply the point.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
-from scipy import stats
+
+
+def _t() -> Any:
+    # scipy.stats takes about a second to import: only the report and the analysis API pay it,
+    # not `samstudy export` or a plain `import samstudy.analysis`.
+    from scipy import stats
+
+    return stats.t
 
 
 def t_quantile(p: float, df: float) -> float:
     """The p-quantile of Student's t with ``df`` degrees of freedom (NaN if df is not > 0)."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"p must be in (0, 1), not {p}")
-    return float(stats.t.ppf(p, df)) if df > 0 else math.nan
+    return float(_t().ppf(p, df)) if df > 0 else math.nan
 
 
 def ci_half_width(
@@ -30,7 +38,7 @@ def ci_half_width(
     n = np.asarray(n, dtype=float)
     df = np.where(n >= 2, n - 1, np.nan)
     root_n = np.sqrt(np.where(n > 0, n, np.nan))
-    half = stats.t.ppf(0.5 + level / 2.0, df) * np.asarray(std, dtype=float) / root_n
+    half = _t().ppf(0.5 + level / 2.0, df) * np.asarray(std, dtype=float) / root_n
     return float(half) if half.ndim == 0 else half
 
 

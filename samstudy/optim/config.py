@@ -117,7 +117,9 @@ class OptimizerBase(BaseModel):
             return data
         preset = PRESETS[cls.model_fields["name"].default]
         base = data.get("base", "sgd")
-        allowed = [*COMMON_KNOBS, *BASE_KNOBS.get(base, ()), *preset.knob_names]
+        if not isinstance(base, str) or base not in BASES:
+            return data  # the base itself is wrong: its own error says so, not its knobs'
+        allowed = [*COMMON_KNOBS, *BASE_KNOBS[base], *preset.knob_names]
         if preset.two_step:
             allowed += TWO_STEP_KNOBS
         for knob in data:
@@ -132,7 +134,7 @@ class OptimizerBase(BaseModel):
                 raise ValueError(
                     f"{knob}: does not apply to name {preset.name!r} (one pass, no ascent)"
                 )
-            if base in BASE_KNOBS and any(knob in ks for ks in BASE_KNOBS.values()):
+            if any(knob in ks for ks in BASE_KNOBS.values()):
                 raise ValueError(
                     f"{knob}: not a knob of base {base!r}; allowed: {', '.join(BASE_KNOBS[base])}"
                 )
@@ -214,7 +216,7 @@ class OptimizerBase(BaseModel):
 
 
 def _class_name(name: str) -> str:
-    return "".join(part.title() for part in name.split("_")) + "Optimizer"
+    return "".join(part.title() for part in name.split("_")) + "Config"
 
 
 def _member(preset: Preset) -> type[OptimizerBase]:
@@ -252,7 +254,8 @@ def with_recipe(data: Any) -> Any:
     """A trial's optimizer mapping with :data:`RECIPE`'s base knobs filled in where absent."""
     if not isinstance(data, Mapping):
         return data
-    return {**RECIPE.get(data.get("base", "sgd"), {}), **data}
+    base = data.get("base", "sgd")
+    return {**RECIPE.get(base, {}), **data} if isinstance(base, str) else data
 
 
 OptimizerConfig = Annotated[

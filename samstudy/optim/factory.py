@@ -24,16 +24,19 @@ BASE_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
 
 
 def create_optimizer(
-    params: Any, config: OptimizerBase | Mapping[str, Any] | None = None, /, **knobs: Any
+    params: Any, config: OptimizerBase | Mapping[str, Any] | str | None = None, /, **knobs: Any
 ) -> SamOptimizer:
     """Build the optimizer of an ``optimizer:`` mapping over ``params``.
 
     ``params``: tensors, param-group dicts, or ``(name, tensor)`` pairs (``named_parameters()``;
     names label the per-tensor statistics). The knobs come as ``config`` (typed or a mapping) or
-    as keywords (``name``, ``base``, ``lr``, ``rho``, ...), not both. Use
+    as keywords (``name``, ``base``, ``lr``, ``rho``, ...), not both; a string ``config`` is the
+    preset name, as the second argument of earlier versions was. Use
     ``opt.train_step(model, loss_fn, x, y)`` for every preset; ``opt.two_step`` is False only
     for ``sgd``. A bad knob raises ``ValueError`` naming it and what is allowed.
     """
+    if isinstance(config, str):
+        config, knobs = None, {"name": config, **knobs}
     if config is not None and knobs:
         raise TypeError("create_optimizer: give the knobs as a config or as keywords, not both")
     spec = parse_optimizer_config(config if config is not None else knobs)

@@ -288,7 +288,7 @@ def markdown_table(presets: Sequence[Preset] | None = None) -> str:
         "|---|---|---|---|",
     ]
     for preset in presets or PRESETS.values():
-        rows = preset.rows or _row_text(preset.table(preset.knobs()))
+        rows = preset.rows or _row_text(preset.table(preset.knobs.model_validate(preset.example)))
         lines.append(f"| `{preset.name}` | {_knob_text(preset)} | {rows} | {preset.summary} |")
     return "\n".join(lines)
 

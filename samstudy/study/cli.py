@@ -11,16 +11,10 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 from samstudy.configio import add_set_option
+from samstudy.settings import studies_dir
 from samstudy.study.spec import StudyError, load_study
-
-
-def _studies_dir(value: str | None) -> Path:
-    from samstudy.settings import studies_dir
-
-    return studies_dir(value)
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +31,7 @@ def plan_main(argv: list[str]) -> int:
     _add_set(parser)
     args = parser.parse_args(argv)
     try:
-        spec = load_study(args.name, _studies_dir(args.studies_dir), args.overrides)
+        spec = load_study(args.name, studies_dir(args.studies_dir), args.overrides)
     except StudyError as exc:
         print(f"samstudy plan: {exc}", file=sys.stderr)
         return 2
@@ -102,7 +96,7 @@ def study_main(argv: list[str]) -> int:
     _add_set(parser)
     args = parser.parse_args(argv)
     try:
-        spec = load_study(args.name, _studies_dir(args.studies_dir), args.overrides)
+        spec = load_study(args.name, studies_dir(args.studies_dir), args.overrides)
     except StudyError as exc:
         print(f"samstudy study: {exc}", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from samstudy.paths import project_root
-from samstudy.settings import resolve_tracking_uri
+from samstudy.settings import tracking_target
 from samstudy.study import callbacks as _callbacks
 from samstudy.study.callbacks import (
     OutcomeCallback,
@@ -183,7 +183,7 @@ def run_study(
     started = time.monotonic()
     trials = study.expand() if study.search is None else []
     trials = [dataclasses.replace(t, config=absolute_paths(t.config, root)) for t in trials]
-    uri = resolve_tracking_uri(tracking_uri, study.tracking.tracking_uri, root)
+    uri, experiment = tracking_target(study.name, tracking_uri, None, study.tracking, root)
     storage = resolve_storage_path(storage_path or study.storage_path, root)
     path = experiment_path(storage, study.name)
     files = ExperimentFiles(path)
@@ -194,7 +194,7 @@ def run_study(
     tracker = StudyTracker(
         uri,
         study.name,
-        experiment=study.experiment,
+        experiment=experiment,
         study_sha256=study.sha256,
         description=study.description,
         overrides=study.overrides,
@@ -211,7 +211,7 @@ def run_study(
         print(
             f"study {study.name} is complete ({len(result.trials)} trials in "
             f"{path}); nothing to run. Results: MLflow {uri}, experiment "
-            f"{study.experiment!r}. Use --fresh to run it again from scratch.",
+            f"{experiment!r}. Use --fresh to run it again from scratch.",
             file=out,
         )
         return result
@@ -243,7 +243,7 @@ def run_study(
             verb = "resuming" if restoring else "starting"
             print(
                 f"{verb} study {study.name}: {total} trials ({done} done) in {path}; "
-                f"MLflow {uri}, experiment {study.experiment!r}",
+                f"MLflow {uri}, experiment {experiment!r}",
                 file=out,
                 flush=True,
             )

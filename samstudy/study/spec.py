@@ -258,7 +258,8 @@ class StudySpec(_Strict):
 
     @property
     def experiment(self) -> str:
-        """MLflow experiment name: ``tracking.experiment`` or the study name."""
+        """MLflow experiment name (``samstudy.settings.tracking_target``'s rule, without a
+        command line): ``tracking.experiment`` or the study name."""
         return self.tracking.experiment or self.name
 
     @property

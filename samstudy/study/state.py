@@ -129,27 +129,26 @@ def study_fingerprint(study: StudySpec, trials: Sequence[TrialSpec]) -> str:
     return _hash(_fingerprint_payload(study, trials))
 
 
-def _integral_as_int(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _integral_as_int(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_integral_as_int(v) for v in value]
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
+# What the untyped optimizer mapping of versions up to commit 4cb92f8 filled in (frozen here:
+# the compatibility of their fingerprints must not follow later changes of the defaults).
+_EARLIER_DEFAULTS = {"name": "sam", "base": "sgd", "lr": 0.05, "rho": 0.05}
+_EARLIER_RECIPE = {"sgd": {"momentum": 0.9, "weight_decay": 5e-4}, "adamw": {"weight_decay": 5e-4}}
 
 
 def _earlier_fingerprints(study: StudySpec, trials: Sequence[TrialSpec]) -> set[str]:
     """The fingerprints earlier versions computed for this study.
 
-    Up to commit 4cb92f8 a search study's ``optimizer`` mapping was untyped, so its dump
-    kept the numbers as the file wrote them (``scales: [0, 0, 0, 0]``) where the typed one
-    dumps floats (trial ids never changed: they hash integral floats as ints).
+    Up to commit 4cb92f8 a search study's ``optimizer`` mapping was untyped: its dump was the
+    defaults and recipe above overlaid with the mapping exactly as the file wrote it (``scales:
+    [1.0, 0, 0, 0]`` stayed mixed), where the typed one dumps floats. Trial ids, and so grid
+    fingerprints, never changed: they hash integral floats as ints.
     """
-    payload = _fingerprint_payload(study, trials)
-    if study.search is None:
+    raw = study.base_raw.get("optimizer") or {}
+    if study.search is None or not isinstance(raw, dict):
         return set()
-    payload["base"]["optimizer"] = _integral_as_int(payload["base"]["optimizer"])
+    written = {**_EARLIER_DEFAULTS, **raw}
+    payload = _fingerprint_payload(study, trials)
+    payload["base"]["optimizer"] = {**_EARLIER_RECIPE.get(written["base"], {}), **written}
     return {_hash(payload)}
 
 
@@ -165,7 +164,16 @@ def load_state(
     if state.get("fingerprint") in _earlier_fingerprints(study, trials):
         state["fingerprint"] = fingerprint  # the same study, as an earlier version saw it
         return state
-    if study.sha256 and state.get("sha256") == study.sha256 and not study.overrides:
+    earlier_set = state.get("overrides", [])
+    if earlier_set != study.overrides:
+        raise RunnerError(
+            f"{study.path}: the study started in {files.path} with --set {earlier_set or '(none)'}"
+            f" and now runs with --set {study.overrides or '(none)'}, which makes other trials "
+            "(Ray Tune cannot resume a changed search space). Run it with the same --set "
+            "assignments, or again with --fresh to start over (which deletes the old Ray "
+            "results and MLflow runs)."
+        )
+    if study.sha256 and state.get("sha256") == study.sha256:
         raise RunnerError(
             f"{study.path}: the study file is unchanged, but this samstudy version makes other "
             f"trials of it than the version that started it in {files.path} (Ray Tune cannot "
@@ -186,6 +194,7 @@ def new_state(study: StudySpec, fingerprint: str) -> dict[str, Any]:
         "study": study.name,
         "fingerprint": fingerprint,
         "sha256": study.sha256,
+        "overrides": study.overrides,  # --set: part of what the trials are, with the file
         "complete": False,
         "trials": {},
     }
