@@ -540,16 +540,6 @@ def test_two_studies_load_together(store: dict, tmp_path: Path) -> None:
     assert set(frame["study"].astype(str)) == {"hand", "other"}
 
 
-def test_default_tracking_uri_follows_the_study_runner(monkeypatch: pytest.MonkeyPatch) -> None:
-    from samstudy.analysis.readers import default_tracking_uri
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert default_tracking_uri() == "http://127.0.0.1:5000"
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    repo = Path(__file__).resolve().parents[1]
-    assert default_tracking_uri() == f"sqlite:///{repo / 'mlflow.db'}"
-
-
 def test_study_without_trials(store: dict, tmp_path: Path) -> None:
     from samstudy.analysis.cli import report_main
     from samstudy.analysis.export import export_study

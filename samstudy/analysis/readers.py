@@ -6,9 +6,6 @@ tracking server: ``search_runs`` pages plus the server's bulk history endpoint
 (``/ajax-api/2.0/mlflow/metrics/get-history-bulk``: up to 100 runs per call, every logged value).
 Neither path makes one call per run and metric; other stores fall back to the client loop.
 Every reader returns a :class:`RawStudy`: runs with MLflow's strings, metrics as an Arrow table.
-
-Long because the three readers share their record types, the not-found message and the
-redaction of passwords; each is one function a reader follows top to bottom.
 """
 
 from __future__ import annotations
@@ -384,20 +381,12 @@ def read_with_client(uri: str, study: str) -> RawStudy:
     return RawStudy(study, _records_from_search(found), table, source=f"{uri} (history loop)")
 
 
-def default_tracking_uri() -> str:
-    """Where ``samstudy study`` logs when neither the command line nor the study file says:
-    ``MLFLOW_TRACKING_URI``, else ``sqlite:///<project root>/mlflow.db`` (samstudy.paths), so
-    that export finds the study whatever directory it runs from."""
-    return paths.resolve_tracking_uri(None)
-
-
 def read_study(
     study: str, tracking_uri: str | None = None, experiment: str | None = None
 ) -> RawStudy:
-    """Read with the fastest reader for the URI (default: ``default_tracking_uri()``). A
-    relative ``sqlite:///x.db`` is relative to the project root, as for ``samstudy study``.
-    ``experiment`` is the MLflow experiment to read (default: the study name); the result is
-    labelled ``study`` either way."""
+    """Read with the fastest reader for the URI (default and relative sqlite paths: the rule of
+    ``samstudy.paths``, as for ``samstudy study``) from ``experiment`` (default: the study name);
+    the result is labelled ``study`` either way."""
     tracking_uri = paths.resolve_tracking_uri(tracking_uri)
     name = experiment or study
     scheme = tracking_uri.split(":", 1)[0].lower()

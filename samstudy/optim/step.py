@@ -25,9 +25,6 @@ the first pass at w. Nothing in a step synchronises with the host.
 
 The ``sgd`` preset (``two_step = False``) runs one forward/backward and the base step; its
 ``train_step`` has the same signature, so the trainer never branches.
-
-Long because the whole step protocol (both passes, m-sharpness, the three second-gradient modes,
-the rule and the statistics) is one code path, read top to bottom as in the one-file SAM port.
 """
 
 from __future__ import annotations
@@ -42,34 +39,12 @@ from torch.func import functional_call
 from samstudy.optim.ascent import EPS, AscentConfig, ascent, global_norm
 from samstudy.optim.bn import running_stats_frozen
 from samstudy.optim.flat import FlatSpace
+from samstudy.optim.params import normalize_params
 from samstudy.optim.presets import Table
 from samstudy.optim.rules import Operand, RegionRule, regions_from_thresholds
 from samstudy.optim.stats import STAT_KEYS, StepStats
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def normalize_params(params: Any) -> tuple[list[dict[str, Any]], dict[int, str]]:
-    """Param groups with plain tensors, and the names given as ``(name, tensor)`` pairs."""
-    if isinstance(params, torch.Tensor):
-        params = [params]
-    items = list(params)
-    if not items:
-        raise ValueError("optimizer got an empty parameter list")
-    groups = [dict(g) for g in items] if isinstance(items[0], dict) else [{"params": items}]
-    names: dict[int, str] = {}
-    for group in groups:
-        ps = group["params"]
-        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
-        plain = []
-        for item in ps:
-            if isinstance(item, tuple):
-                name, item = item
-                names[id(item)] = str(name)
-            plain.append(item)
-        group["params"] = plain
-        group.pop("param_names", None)  # names live in the optimizer, not in the groups
-    return groups, names
 
 
 class SamOptimizer(torch.optim.Optimizer):
