@@ -7,23 +7,21 @@ Every function takes and returns tidy frames. Intervals are two-sided Student t 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
+from samstudy.analysis import comparisons
 from samstudy.analysis.load import Study, plain
 from samstudy.analysis.schema import PARAM_PREFIX
 from samstudy.analysis.stats import ci_half_width, welch_interval
 from samstudy.analysis.summary import run_values
 from samstudy.optim.presets import fmt
 
-STAGE_METRICS: tuple[str, ...] = ("train_acc", "test_acc", "train_acc_clean", "train_acc_noisy")
-# (low, high] as fractions of a run's epochs: early = first third, late = last third.
-DEFAULT_STAGES: dict[str, tuple[float, float]] = {"early": (0.0, 1 / 3), "late": (2 / 3, 1.0)}
+STAGE_METRICS: tuple[str, ...] = comparisons.DEFAULT_METRICS
+DEFAULT_STAGES = comparisons.DEFAULT_STAGES
 DEFAULT_REFERENCE = "sam"
 
 
@@ -128,17 +126,62 @@ def stage_values(
     return out[["run_id", "variant", "seed", "stage", "metric", "value"]]
 
 
-def _matches(value: Any, wanted: Any) -> bool:
-    """A param value equals a wanted one: numbers as numbers (``1`` is ``1.0``), lists by their
-    elements, anything else by its text (``"0.1"`` is ``0.1``)."""
-    value, wanted = plain(value), plain(wanted)
-    if isinstance(value, list) and isinstance(wanted, list):
-        return len(value) == len(wanted) and all(map(_matches, value, wanted))
-    if isinstance(value, bool) or isinstance(wanted, bool):  # True is "true" (JSON), not 1
-        return str(value).lower() == str(wanted).lower()
-    if isinstance(value, int | float) and isinstance(wanted, int | float):
-        return value == wanted
-    return str(value) == str(wanted)
+def _settings(row: pd.Series) -> dict[str, Any]:
+    """A variants-table row as dotted settings (params without the prefix, nulls left out)."""
+    out = {}
+    for col, value in row.items():
+        if isinstance(col, str) and col.startswith(PARAM_PREFIX):
+            value = plain(value)
+            if value is not None:
+                out[col[len(PARAM_PREFIX) :]] = value
+    return out
+
+
+def _as_references(
+    reference: str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]],
+) -> list[str | Mapping[str, Any]]:
+    if isinstance(reference, str | Mapping):
+        return [reference]
+    return list(reference)
+
+
+def _one_reference(
+    variants: pd.DataFrame, reference: str | Mapping[str, Any]
+) -> dict[str, list[str]]:
+    """Candidate references of each variant for one reference (see ``match_references``)."""
+    labels = list(variants["variant"])
+    if isinstance(reference, str) and reference in labels:
+        return {v: [reference] for v in labels}
+    spec = {"optimizer.name": reference} if isinstance(reference, str) else dict(reference)
+    settings = {row["variant"]: _settings(row) for _, row in variants.iterrows()}
+    found = comparisons.reference_candidates(settings, spec)
+    if "study" not in variants.columns:
+        return found
+    # Several studies: a reference of the variant's own study first, another study's if none.
+    study = dict(zip(variants["variant"], variants["study"].astype(str), strict=True))
+    out = {}
+    for label, candidates in found.items():
+        own = [c for c in candidates if study[c] == study[label]]
+        out[label] = own or candidates
+    return out
+
+
+def reference_pairs(
+    variants: pd.DataFrame,
+    reference: str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]] = DEFAULT_REFERENCE,
+) -> list[tuple[str, str]]:
+    """``(variant, its reference)`` for every comparison of every reference, each pair once.
+
+    A variant that is a reference variant of one reference can be compared under another
+    (SAM is the reference of J-SAM and is itself compared with SGD).
+    """
+    pairs: list[tuple[str, str]] = []
+    for ref in _as_references(reference):
+        for variant, candidates in _one_reference(variants, ref).items():
+            if len(candidates) == 1 and candidates[0] != variant:
+                if (variant, candidates[0]) not in pairs:
+                    pairs.append((variant, candidates[0]))
+    return pairs
 
 
 def match_references(
@@ -146,52 +189,24 @@ def match_references(
 ) -> dict[str, str | None]:
     """For each variant, the reference variant it is compared with (None: none or ambiguous).
 
-    ``reference`` is a variant label (every variant is compared with that one), or a mapping
-    of params (``{"optimizer.name": "sam"}``), or a bare string that is not a label, taken as
-    ``optimizer.name``. With a mapping, a variant's reference is the reference variant that
-    agrees with it on every param both define, other than the mapping's own keys (so SAME at
-    rho 0.1 is compared with SAM at rho 0.1). Reference variants map to themselves.
+    ``reference`` is a variant label (every variant is compared with that one), or a partial
+    configuration (``{"optimizer.ascent": "sam"}``), or a bare string that is not a label, taken
+    as ``optimizer.name``. With a partial configuration, a variant's reference is the reference
+    variant that agrees with it on every other setting (``samstudy.analysis.comparisons``: a
+    setting left out counts at its default; one that does not apply to the reference, such as
+    SGD's rho, is not compared), so SAME at rho 0.1 is compared with SAM at rho 0.1. Several
+    studies loaded together: a reference of the variant's own study when there is one.
+    Reference variants map to themselves.
     """
-    labels = list(variants["variant"])
-    if isinstance(reference, str) and reference in labels:
-        return dict.fromkeys(labels, reference)
-    spec = {"optimizer.name": reference} if isinstance(reference, str) else dict(reference)
-    cols = {k: (k if k == "study" else PARAM_PREFIX + k) for k in spec}
-    missing = [c for c in cols.values() if c not in variants.columns]
-    if missing:
-        return dict.fromkeys(labels)
-    is_ref = np.ones(len(variants), dtype=bool)
-    for key, col in cols.items():
-        is_ref &= variants[col].map(lambda v, want=spec[key]: _matches(v, want)).to_numpy()
-    refs = variants[is_ref]
-    compare_cols = [
-        c
-        for c in variants.columns
-        if (c.startswith(PARAM_PREFIX) or c == "study") and c not in cols.values()
-    ]
-    out: dict[str, str | None] = {}
-    for i, row in variants.iterrows():
-        if is_ref[i]:
-            out[row["variant"]] = row["variant"]
-            continue
-        found = []
-        for _, ref in refs.iterrows():
-            agree = all(
-                plain(row[c]) is None
-                or plain(ref[c]) is None
-                or json.dumps(plain(row[c])) == json.dumps(plain(ref[c]))
-                for c in compare_cols
-            )
-            if agree:
-                found.append(ref["variant"])
-        out[row["variant"]] = found[0] if len(found) == 1 else None
-    return out
+    return {
+        v: (c[0] if len(c) == 1 else None) for v, c in _one_reference(variants, reference).items()
+    }
 
 
 def differences(
     per_run: pd.DataFrame,
     variants: pd.DataFrame,
-    reference: str | Mapping[str, Any] = DEFAULT_REFERENCE,
+    reference: str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]] = DEFAULT_REFERENCE,
     keys: Sequence[str] = ("stage", "metric"),
     level: float = 0.95,
 ) -> pd.DataFrame:
@@ -204,55 +219,62 @@ def differences(
     ci_low, ci_high, n, n_ref, paired, direction`` with direction ``up`` (interval above 0),
     ``down`` (below 0) or ``flat`` (the interval spans 0, or cannot be computed).
     """
-    refs = match_references(variants, reference)
+    pairs = reference_pairs(variants, reference)
     keys = list(keys)
     values = per_run.dropna(subset=["value"])
     grouped = {
         k: g for k, g in values.groupby(["variant", *keys], sort=True, dropna=False, observed=True)
     }
+    by_variant: dict[Any, list[tuple[Any, ...]]] = {}
+    for variant, *key_values in grouped:
+        by_variant.setdefault(variant, []).append(tuple(key_values))
     rows = []
-    for (variant, *key_values), group in grouped.items():
-        ref = refs.get(variant)
-        if ref is None or ref == variant:
-            continue
-        ref_group = grouped.get((ref, *key_values))
-        if ref_group is None:
-            continue
-        a = group.groupby("seed", dropna=False)["value"].mean()
-        b = ref_group.groupby("seed", dropna=False)["value"].mean()
-        paired = len(a) >= 2 and set(a.index) == set(b.index) and not pd.isna(list(a.index)).any()
-        if paired:
-            d = a - b.reindex(a.index)
-            diff, n = float(d.mean()), len(d)
-            sd = float(d.std(ddof=1))
-            half = ci_half_width(sd, n, level)
-            low, high = diff - half, diff + half
-        else:
-            diff, low, high = welch_interval(
-                float(a.mean()),
-                float(a.std(ddof=1)) if len(a) > 1 else math.nan,
-                len(a),
-                float(b.mean()),
-                float(b.std(ddof=1)) if len(b) > 1 else math.nan,
-                len(b),
-                level,
+    for variant, ref in pairs:
+        for key_values in by_variant.get(variant, []):
+            ref_group = grouped.get((ref, *key_values))
+            if ref_group is None:
+                continue
+            rows.append(
+                {
+                    "variant": variant,
+                    "reference": ref,
+                    **dict(zip(keys, key_values, strict=True)),
+                    **_difference(grouped[(variant, *key_values)], ref_group, level),
+                }
             )
-        rows.append(
-            {
-                "variant": variant,
-                "reference": ref,
-                **dict(zip(keys, key_values, strict=True)),
-                "diff": diff,
-                "ci_low": low,
-                "ci_high": high,
-                "n": len(a),
-                "n_ref": len(b),
-                "paired": paired,
-                "direction": direction(low, high),
-            }
-        )
     columns = ["variant", "reference", *keys, "diff", "ci_low", "ci_high", "n", "n_ref"]
     return pd.DataFrame(rows, columns=[*columns, "paired", "direction"])
+
+
+def _difference(group: pd.DataFrame, ref_group: pd.DataFrame, level: float) -> dict[str, Any]:
+    """Variant minus reference over seeds: paired when both ran the same seeds, else Welch."""
+    a = group.groupby("seed", dropna=False)["value"].mean()
+    b = ref_group.groupby("seed", dropna=False)["value"].mean()
+    paired = len(a) >= 2 and set(a.index) == set(b.index) and not pd.isna(list(a.index)).any()
+    if paired:
+        d = a - b.reindex(a.index)
+        diff = float(d.mean())
+        half = ci_half_width(float(d.std(ddof=1)), len(d), level)
+        low, high = diff - half, diff + half
+    else:
+        diff, low, high = welch_interval(
+            float(a.mean()),
+            float(a.std(ddof=1)) if len(a) > 1 else math.nan,
+            len(a),
+            float(b.mean()),
+            float(b.std(ddof=1)) if len(b) > 1 else math.nan,
+            len(b),
+            level,
+        )
+    return {
+        "diff": diff,
+        "ci_low": low,
+        "ci_high": high,
+        "n": len(a),
+        "n_ref": len(b),
+        "paired": paired,
+        "direction": direction(low, high),
+    }
 
 
 def direction(low: float, high: float) -> str:

@@ -104,13 +104,26 @@ def export_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _reference(text: str) -> object:
+    from samstudy.analysis.comparisons import parse_reference
+
+    try:
+        return parse_reference(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def report_main(argv: list[str] | None = None) -> int:
     """Build the HTML and markdown report of exported studies; returns the exit code."""
     parser = argparse.ArgumentParser(
         prog="samstudy report",
         description="Build results/reports/NAME/report.{html,md} from the Parquet export.",
     )
-    parser.add_argument("names", nargs="+", help="study name(s); several are analysed together")
+    parser.add_argument(
+        "names",
+        nargs="+",
+        help="study name(s), or a,b; several are analysed together (the study as a column)",
+    )
     parser.add_argument(
         "--root", default=str(DEFAULT_ROOT), help="results folder (default: results)"
     )
@@ -118,42 +131,51 @@ def report_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--studies-dir",
         default=None,
-        help="folder of study files, for each study's description (default: ./studies if "
-        "present, else <project root>/studies; a study without a file is reported all the same)",
+        help="folder of study files, for each study's description and analysis block (default: "
+        "./studies if present, else <project root>/studies; a study without a file is reported "
+        "all the same, with the default analysis)",
     )
     parser.add_argument(
         "--reference",
-        default="sam",
-        help="reference variant: a variant label, or an optimizer name (default: sam)",
+        type=_reference,
+        action="append",
+        default=None,
+        help="reference of the comparisons, repeatable: a partial configuration "
+        "KEY.PATH=VALUE[,KEY.PATH=VALUE...] (e.g. optimizer.ascent=sam), a variant label, or an "
+        "optimizer name (default: the study file's analysis.references, else optimizer.name=sam)",
     )
     parser.add_argument(
         "--stages",
         type=_stages,
         default=None,
-        help="stage bounds as fractions of the epochs (default: early=0:0.333,late=0.667:1)",
+        help="stage bounds as fractions of the epochs (default: the study file's "
+        "analysis.stages, else early=0:0.333,late=0.667:1)",
     )
     parser.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
     parser.add_argument("--best-by", default="test_acc", help="metric for early stopping")
     parser.add_argument(
         "--min-effect",
         type=float,
-        default=0.005,
-        help="smallest accuracy difference that counts as up/down (default 0.005)",
+        default=None,
+        help="smallest accuracy difference that counts as up/down (default: the study file's "
+        "analysis.min_effect, else 0.005)",
     )
     args = parser.parse_args(argv)
 
-    from samstudy.analysis.report import build_report
+    from samstudy.analysis.report import build_report, resolve_analysis, study_names
     from samstudy.configio import ConfigError
     from samstudy.settings import study_settings
 
+    names = study_names(args.names)
     try:
-        descriptions = {n: study_settings(n, args.studies_dir).description for n in args.names}
+        descriptions = {n: study_settings(n, args.studies_dir).description for n in names}
+        analysis = resolve_analysis(names, studies_dir=args.studies_dir)
     except ConfigError as error:
         print(f"samstudy report: {error}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     try:
         result = build_report(
-            args.names,
+            names,
             descriptions=descriptions,
             root=args.root,
             out_dir=args.out,
@@ -162,12 +184,15 @@ def report_main(argv: list[str] | None = None) -> int:
             level=args.level,
             best_by=args.best_by,
             min_effect=args.min_effect,
+            analysis=analysis,
         )
     except (FileNotFoundError, ValueError) as error:
         print(f"samstudy report: {error}", file=sys.stderr)
         return 1
     print(f"report: {result.html}\n        {result.markdown} ({len(result.figures)} figures)")
-    if not result.hypothesis.empty:
+    if result.hypothesis.empty:
+        print("\nno verdicts: no variant has a reference (see the report)")
+    else:
         print("\nverdicts (variant x stage):")
         print(result.hypothesis.to_string())
     return 0

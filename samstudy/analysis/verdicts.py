@@ -39,6 +39,7 @@ from typing import Any
 
 import pandas as pd
 
+from samstudy.analysis import comparisons
 from samstudy.analysis.aggregate import (
     DEFAULT_REFERENCE,
     DEFAULT_STAGES,
@@ -68,8 +69,8 @@ RULE: dict[tuple[str, str], str] = {
 }
 
 
-# Smallest accuracy difference that can earn a verdict (half a percentage point).
-DEFAULT_MIN_EFFECT = 0.005
+DEFAULT_MIN_EFFECT = comparisons.DEFAULT_MIN_EFFECT
+References = str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]]
 
 
 def verdict(train_direction: str, test_direction: str) -> str:
@@ -85,7 +86,7 @@ def verdict(train_direction: str, test_direction: str) -> str:
 
 def stage_differences(
     study: Study,
-    reference: str | Mapping[str, Any] = DEFAULT_REFERENCE,
+    reference: References = DEFAULT_REFERENCE,
     stages: Mapping[str, tuple[float, float]] | None = None,
     metrics: Sequence[str] = STAGE_METRICS,
     level: float = 0.95,
@@ -97,27 +98,33 @@ def stage_differences(
 
 def verdict_table(
     study: Study,
-    reference: str | Mapping[str, Any] = DEFAULT_REFERENCE,
+    reference: References = DEFAULT_REFERENCE,
     stages: Mapping[str, tuple[float, float]] | None = None,
     level: float = 0.95,
     train_metric: str = "train_acc",
     test_metric: str = "test_acc",
     min_effect: float = DEFAULT_MIN_EFFECT,
+    metrics: Sequence[str] = STAGE_METRICS,
 ) -> pd.DataFrame:
-    """One row per variant and stage: the differences, their directions and the verdict.
+    """One row per variant, reference and stage: the differences, their directions, the verdict.
 
-    A difference whose mean is below ``min_effect`` in absolute value counts as flat.
+    ``reference`` is one reference or a list of them (``aggregate.reference_pairs``: a variant
+    compared with several references has a row for each). A difference whose mean is below
+    ``min_effect`` in absolute value counts as flat. ``metrics``: the stage metrics whose
+    differences are shown beside the verdict (the rule reads only the train and test metric).
 
-    Columns: ``variant, reference, stage, n, n_ref, paired``, then for each stage metric
-    ``d_<metric>`` (difference of means), ``d_<metric>_low`` / ``_high`` (interval), then
-    ``train``, ``test`` (directions) and ``verdict``. Variants without a reference (or
-    without both train and test accuracy) are left out.
+    Columns: ``variant, reference, stage, n, n_ref, paired`` (plus ``study`` and
+    ``ref_study`` when several studies are loaded), then for each stage metric ``d_<metric>``
+    (difference of means), ``d_<metric>_low`` / ``_high`` (interval), then ``train``, ``test``
+    (directions) and ``verdict``. Variants without a reference (or without both train and
+    test metric) are left out.
     """
     stage_order = list((DEFAULT_STAGES if stages is None else stages).keys())
-    metrics = list(dict.fromkeys([train_metric, test_metric, *STAGE_METRICS]))
+    metrics = list(dict.fromkeys([train_metric, test_metric, *metrics]))
     diffs = stage_differences(study, reference, stages, metrics, level)
     rows = []
-    for (variant, stage), group in diffs.groupby(["variant", "stage"], sort=False, observed=True):
+    groups = diffs.groupby(["variant", "reference", "stage"], sort=False, observed=True)
+    for (variant, _, stage), group in groups:
         by_metric = group.set_index("metric")
         if train_metric not in by_metric.index or test_metric not in by_metric.index:
             continue
@@ -144,18 +151,29 @@ def verdict_table(
     table = pd.DataFrame(rows)
     if table.empty:
         return table
+    if study.runs["study"].nunique() > 1:
+        study_of = dict(zip(study.variants["variant"], study.variants["study"], strict=True))
+        table.insert(0, "study", table["variant"].map(study_of))
+        table.insert(3, "ref_study", table["reference"].map(study_of))
     table["stage"] = pd.Categorical(table["stage"], categories=stage_order, ordered=True)
-    table = table.sort_values(["variant", "stage"], kind="stable").reset_index(drop=True)
+    table = table.sort_values(["variant", "reference", "stage"], kind="stable")
+    table = table.reset_index(drop=True)
     table["stage"] = table["stage"].astype(str)
     return table
 
 
 def hypothesis_table(verdicts: pd.DataFrame) -> pd.DataFrame:
-    """The notebook's hypothesis table: one row per variant, one column per stage, verdicts."""
+    """The notebook's hypothesis table: one row per variant, one column per stage, verdicts.
+
+    The index is the variant; when some variant is compared with several references (a list
+    of references), it is ``(variant, reference)``.
+    """
     if verdicts.empty:
         return pd.DataFrame()
     order = list(dict.fromkeys(verdicts["stage"]))
-    table = verdicts.pivot(index="variant", columns="stage", values="verdict")
+    several = verdicts.groupby("variant")["reference"].nunique().max() > 1
+    index = ["variant", "reference"] if several else "variant"
+    table = verdicts.pivot(index=index, columns="stage", values="verdict")
     return table[order].rename_axis(columns=None)
 
 
@@ -196,8 +214,13 @@ def with_lab_notes(hypothesis: pd.DataFrame, variants: pd.DataFrame) -> pd.DataF
         )
     }
     out = hypothesis.copy()
+    labels = list(out.index.get_level_values("variant"))
+    if out.index.nlevels > 1:  # the notebook compared with SAM: not the rows against SGD
+        name_of = dict(zip(variants["variant"], variants["params.optimizer.name"], strict=True))
+        refs = out.index.get_level_values("reference")
+        labels = [v if name_of.get(r) == "sam" else None for v, r in zip(labels, refs, strict=True)]
     for stage in [s for s in hypothesis.columns if s in {"early", "late"}]:
         out[f"lab notes: {stage}"] = [
-            LAB_NOTES[region[v]][stage] if region.get(v) else "" for v in out.index
+            LAB_NOTES[region[v]][stage] if region.get(v) else "" for v in labels
         ]
     return out

@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from samstudy.analysis.comparisons import AnalysisSpec, reference_problems
 from samstudy.configio import ConfigError, apply_override, problems, read_yaml, report
 from samstudy.configpath import unknown_key_message
 from samstudy.identity import identify
@@ -190,6 +191,7 @@ class StudySpec(_Strict):
     checkpoint_min_s: float = Field(
         10.0, ge=0, description="seconds of a trial's run between checkpoints kept; 0 = every one"
     )
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)  # what the report compares
 
     _base_raw: dict[str, Any] = PrivateAttr(default_factory=dict)
     _path: Path = PrivateAttr(default=Path("<memory>"))
@@ -386,4 +388,10 @@ def study_from_mapping(
     if spec.search is not None:
         check_search(spec)
     spec.expand()
+    block = data.get("analysis")
+    if spec.search is None and isinstance(block, dict) and "references" in block:
+        trials = [t.config for t in spec.expand()]  # a search's trials are sampled later
+        lines = reference_problems(trials, spec.analysis.references)
+        if lines:
+            raise study_error(path, lines)
     return spec
