@@ -28,6 +28,7 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m samstudy.optim README.md docs/optimizers.md
 
+# ARGS="--only gpu": the GPU bench alone (benchmarks/bench_gpu.py; CUDA only)
 bench: $(STAMP)
 	$(PY) -m benchmarks $(ARGS)
 

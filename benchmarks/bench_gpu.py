@@ -1,0 +1,364 @@
+"""GPU bench: ResNet-18 epochs of SGD and SAM, every preset against SAM, trials sharing a GPU.
+
+Everything runs the trainer's own code: ``samstudy.train.loop.train_epoch`` (the loop
+``run_trial`` runs, calling ``optimizer.train_step``) over the device-resident ``DeviceLoader``
+(crop and flip on the device), models from ``create_model`` and optimizers from
+``create_optimizer``. The data is CIFAR-shaped noise (3x32x32, 10 classes) generated on the
+device. Three parts, each a Markdown table:
+
+* matrix: epoch time of SGD and SAM, fp32 and bf16 autocast, eager and ``torch.compile`` of the
+  model, channels_last throughout (target: SAM <= 2.05x SGD);
+* presets: every entry of ``PRESETS`` (its registered example knobs) against plain SAM, in
+  interleaved blocks of steps, bf16 + channels_last eager as trials run (target: <= 1.05x);
+* sharing (``benchmarks/gpu_sharing.py``): one trial alone, 2 and 4 trials as Ray tasks with
+  0.5 / 0.25 GPU each, aggregate samples/s (target: 4 sharing >= 2x one alone).
+
+Targets are reported as pass/fail columns, not asserted. ``python -m benchmarks --only gpu``
+runs it (only with CUDA: without it nothing is written); ``python -m benchmarks.bench_gpu
+--device cpu --images 64 --batch 8 --out /tmp/smoke.md`` is a CPU smoke run of the same code.
+Full size: 50,000 images, batch 128, one timed epoch per matrix row; sized for under 8 minutes
+on one GPU, an estimate until one has run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RECIPE: dict[str, Any] = {"base": "sgd", "lr": 0.05, "rho": 0.05, "momentum": 0.9,
+                          "weight_decay": 5e-4}  # fmt: skip
+PARTS = ("matrix", "presets", "sharing")
+SAM_OVER_SGD_MAX = 2.05
+PRESET_OVER_SAM_MAX = 1.05
+SHARED_4_MIN = 2.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Size knobs: the defaults are the full GPU run, a CPU test shrinks them.
+
+    The presets and sharing parts run bf16 autocast when ``precisions`` has it (what a trial on
+    a GPU runs: ``precision: auto``), fp32 otherwise.
+    """
+
+    images: int = 50_000
+    batch: int = 128
+    warmup_steps: int = 20  # before every timed epoch/block (compiling included)
+    epochs: int = 1  # timed epochs per matrix row (the best counts)
+    preset_steps: int = 60  # steps per timed block in the preset comparison
+    preset_pairs: int = 2  # interleaved (preset block, SAM block) pairs per preset
+    share_epochs: int = 1  # epochs each trial trains in the sharing part
+    share_counts: tuple[int, ...] = (1, 2, 4)
+    precisions: tuple[str, ...] = ("fp32", "bf16")
+    compile: tuple[bool, ...] = (False, True)
+    parts: tuple[str, ...] = PARTS
+    model: str = "resnet18"
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued kernels: a host clock read after this times their work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_loader(images: int, batch: int, device: torch.device, seed: int = 0) -> Any:
+    """CIFAR-shaped random data generated on ``device`` behind the trainer's DeviceLoader."""
+    from samstudy.data import DeviceLoader
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(images, 3, 32, 32, generator=gen, device=device)
+    y = torch.randint(0, 10, (images,), generator=gen, device=device)
+    noisy = torch.zeros(images, dtype=torch.bool, device=device)
+    fill = torch.zeros(3, device=device)
+    return DeviceLoader(x, y, y, noisy, batch, seed=seed, augment=True, fill=fill, device=device)
+
+
+class Trainer:
+    """A model and an optimizer stepped by the trainer's ``train_epoch`` (timed, synchronised)."""
+
+    def __init__(
+        self,
+        model_name: str,
+        optimizer: dict[str, Any],
+        device: torch.device,
+        *,
+        bf16: bool,
+        compiled: bool = False,
+        model: torch.nn.Module | None = None,
+    ) -> None:
+        from samstudy.models import create_model
+        from samstudy.optim import create_optimizer
+
+        torch.manual_seed(0)
+        if model is None:
+            model = create_model(model_name, 10, (3, 32, 32))
+            model = model.to(device, memory_format=torch.channels_last)
+            if compiled:
+                # In place: parameter names stay those of the model, which the second pass of
+                # SAM (functional_call by name) needs. Static shapes: the last, shorter batch
+                # gets its own graph instead of turning every batch's graph dynamic.
+                model.compile(dynamic=False)
+        self.model, self.device, self.bf16 = model, device, bf16
+        self.optimizer = create_optimizer(model.named_parameters(), **{**RECIPE, **optimizer})
+        self.epoch = 0
+
+    def steps(self, batches: Iterable[Any], max_steps: int | None = None) -> float:
+        """Seconds for ``train_epoch`` over ``batches``, device work included."""
+        from samstudy.train.loop import train_epoch
+
+        sync(self.device)
+        start = time.perf_counter()
+        train_epoch(self.model, self.optimizer, None, batches, bf16=self.bf16,
+                    channels_last=True, max_steps=max_steps)  # fmt: skip
+        sync(self.device)
+        return time.perf_counter() - start
+
+    def epoch_on(self, loader: Any, max_steps: int | None = None) -> float:
+        self.epoch += 1
+        loader.set_epoch(self.epoch)
+        return self.steps(loader, max_steps)
+
+    def warm_up(self, loader: Any, steps: int) -> None:
+        """First batches plus the last (shorter) one: compiles every shape an epoch meets.
+
+        At least 2 steps: a step measuring statistics and one that does not (different kernels
+        where the optimizer compiles its rule).
+        """
+        loader.set_epoch(0)
+        first, last = max(steps, 2), len(loader) - 1
+        self.steps([b for i, b in enumerate(loader) if i < first or i == last])
+        self.optimizer.read_stats(reset=True)
+
+
+def graphs_compiled() -> int:
+    """Graphs Dynamo has compiled so far in this process (a private counter; -1 if missing)."""
+    try:
+        return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    except (AttributeError, KeyError, TypeError):
+        return -1
+
+
+def verdict(ok: bool) -> str:
+    return "pass" if ok else "fail"
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -- part 1: SGD and SAM epochs ------------------------------------------------------------------
+
+
+def matrix_section(device: torch.device, sizes: Sizes, loader: Any) -> tuple[str, list[bool]]:
+    rows = [
+        "| precision | model | SGD epoch (s) | SAM epoch (s) | SGD samples/s | SAM samples/s "
+        f"| SAM / SGD | SAM <= {SAM_OVER_SGD_MAX}x SGD | graphs compiled: warm-up / timed |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    ok: list[bool] = []
+    for precision in sizes.precisions:
+        for compiled in sizes.compile:
+            times: dict[str, float] = {}
+            graphs = [0, 0]  # timed > 0 would put compile time inside an epoch's time
+            for name in ("sgd", "sam"):
+                start = graphs_compiled()
+                trainer = Trainer(sizes.model, {"name": name}, device,
+                                  bf16=precision == "bf16", compiled=compiled)  # fmt: skip
+                # Past Dynamo's recompile limit a model would run eager silently: fail instead.
+                with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                    trainer.warm_up(loader, sizes.warmup_steps)
+                    warm = graphs_compiled()
+                    times[name] = min(trainer.epoch_on(loader) for _ in range(sizes.epochs))
+                graphs[0] += warm - start
+                graphs[1] += graphs_compiled() - warm
+                del trainer
+                free(device)
+            ratio = times["sam"] / times["sgd"]
+            ok.append(ratio <= SAM_OVER_SGD_MAX)
+            rows.append(
+                f"| {precision} | {'torch.compile' if compiled else 'eager'} "
+                f"| {times['sgd']:.2f} | {times['sam']:.2f} | {sizes.images / times['sgd']:,.0f} "
+                f"| {sizes.images / times['sam']:,.0f} | {ratio:.3f} | {verdict(ok[-1])} "
+                f"| {graphs[0]} / {graphs[1]} |"
+            )
+            print(rows[-1], flush=True)
+    text = (
+        f"### SGD and SAM epochs ({sizes.images:,} images, batch {sizes.batch}, channels_last; "
+        f"best of {sizes.epochs} after {sizes.warmup_steps} warm-up steps and the last batch)\n\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+    return text, ok
+
+
+# -- part 2: every preset against SAM ------------------------------------------------------------
+
+
+def _block(trainer: Trainer, loader: Any, steps: int) -> float:
+    trainer.optimizer.read_stats(reset=True)  # every block measures statistics on the same steps
+    return trainer.epoch_on(loader, max_steps=steps) / steps
+
+
+def presets_section(device: torch.device, sizes: Sizes, loader: Any) -> tuple[str, list[bool]]:
+    """Each preset in blocks alternating with plain SAM on one model: load drifts cancel."""
+    from samstudy.models import create_model
+    from samstudy.optim import PRESETS
+
+    model = create_model(sizes.model, 10, (3, 32, 32))
+    model = model.to(device, memory_format=torch.channels_last)
+    bf16 = "bf16" in sizes.precisions
+    sam = Trainer(sizes.model, {"name": "sam"}, device, bf16=bf16, model=model)
+    sam.warm_up(loader, sizes.warmup_steps)
+    steps = min(sizes.preset_steps, len(loader))
+    rows = [
+        f"| preset | knobs | preset step (ms) | SAM step (ms) | preset / SAM "
+        f"| <= {PRESET_OVER_SAM_MAX}x SAM |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    ok: list[bool] = []
+    for name, preset in PRESETS.items():
+        trainer = Trainer(sizes.model, {"name": name, **preset.example}, device, bf16=bf16,
+                          model=model)  # fmt: skip
+        trainer.warm_up(loader, min(2, sizes.warmup_steps))
+        mine, ref, ratios = [], [], []
+        for _ in range(sizes.preset_pairs):
+            mine.append(_block(trainer, loader, steps))
+            ref.append(_block(sam, loader, steps))
+            ratios.append(mine[-1] / ref[-1])
+        ratio = statistics.median(ratios)
+        if preset.two_step:
+            ok.append(ratio <= PRESET_OVER_SAM_MAX)
+            cell = verdict(ok[-1])
+        else:
+            cell = "n/a (one pass)"
+        knobs = ", ".join(f"{k}={v}" for k, v in preset.example.items()) or "-"
+        rows.append(
+            f"| {name} | {knobs} | {statistics.median(mine) * 1e3:.1f} "
+            f"| {statistics.median(ref) * 1e3:.1f} | {ratio:.3f} | {cell} |"
+        )
+        print(rows[-1], flush=True)
+        del trainer
+    precision = "bf16 autocast" if bf16 else "fp32"
+    text = (
+        f"### Every preset against SAM ({precision}, channels_last, eager model, optimizer "
+        f"defaults: statistics every 4th step)\n\n"
+        f"{sizes.preset_pairs} interleaved pairs of {steps}-step blocks (preset, then plain SAM "
+        "on the same model); step times are medians, the ratio the median over pairs.\n\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+    del sam, model
+    free(device)
+    return text, ok
+
+
+# -- the whole bench ------------------------------------------------------------------------------
+
+
+def bench(device: torch.device, sizes: Sizes) -> str:
+    """The Markdown of every part in ``sizes.parts`` on ``device``."""
+    unknown = set(sizes.parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; allowed: {', '.join(PARTS)}")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        title = f"## GPU bench: {sizes.model} on {name}"
+        # "fp32" rows run PyTorch's defaults, which may let convolutions use TF32: say which
+        env = (
+            f"torch {torch.__version__}, CUDA {torch.version.cuda}, cudnn.allow_tf32 "
+            f"{torch.backends.cudnn.allow_tf32}, cudnn.benchmark {torch.backends.cudnn.benchmark}"
+            f", float32 matmul precision {torch.get_float32_matmul_precision()}"
+        )
+    else:
+        title = f"## GPU bench, CPU smoke run of {sizes.model} (not GPU figures)"
+        env = f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    sections: list[str] = []
+    targets: dict[str, list[bool]] = {}
+    took: dict[str, float] = {}
+
+    def timed(part: str, make: Callable[[], tuple[str, list[bool]]]) -> None:
+        start = time.perf_counter()
+        text, targets[part] = make()
+        took[part] = time.perf_counter() - start
+        sections.append(text)
+        print(f"-- {part}: {took[part]:.0f} s", flush=True)
+
+    if "matrix" in sizes.parts or "presets" in sizes.parts:
+        loader = make_loader(sizes.images, sizes.batch, device)
+        if "matrix" in sizes.parts:
+            timed("matrix", lambda: matrix_section(device, sizes, loader))
+        if "presets" in sizes.parts:
+            timed("presets", lambda: presets_section(device, sizes, loader))
+        del loader  # the sharing trials need the device's memory more than this process
+        free(device)
+    if "sharing" in sizes.parts:
+        from benchmarks.gpu_sharing import sharing_section
+
+        timed("sharing", lambda: sharing_section(sizes))
+    summary = ", ".join(f"{p} {s:.0f} s" for p, s in took.items())
+    checks = [
+        ("every preset <= 1.05x SAM", targets.get("presets")),
+        ("SAM <= 2.05x SGD (every precision and model mode)", targets.get("matrix")),
+        ("4 trials sharing >= 2x one trial alone", targets.get("sharing")),
+    ]
+    lines = ["| target | result |", "|---|---|"]
+    for label, ok in checks:
+        result = "not run" if not ok else verdict(all(ok))  # [] too: no row it applies to
+        lines.append(f"| {label} | {result} |")
+    return (
+        f"{title}\n\n{env}; CIFAR-shaped random data made on the device, crop and flip on the "
+        f"device (`DeviceLoader`), the trainer's `train_epoch`. Parts took: {summary}.\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + "\n".join(sections)
+    )
+
+
+def run(quick: bool = False) -> str | None:
+    """``python -m benchmarks``: the full bench on CUDA; None (nothing written) without it."""
+    if not torch.cuda.is_available():
+        print("bench_gpu: CUDA is not available; skipped, results/bench_gpu.md left as it is")
+        return None
+    sizes = Sizes(images=10_000, preset_steps=20, preset_pairs=1) if quick else Sizes()
+    return bench(torch.device("cuda"), sizes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI with every size knob: e.g. a CPU smoke run written to a scratch file."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_gpu", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke run)")
+    parser.add_argument("--out", type=Path, required=True, help="Markdown file to write")
+    for field in dataclasses.fields(Sizes):
+        default = field.default
+        if isinstance(default, tuple):
+            kind = bool if field.name == "compile" else type(default[0])
+            convert = (lambda s: s.lower() in ("1", "true", "yes")) if kind is bool else kind
+            parser.add_argument(f"--{field.name.replace('_', '-')}", nargs="+", type=convert,
+                                default=list(default), help=f"default: {default}")  # fmt: skip
+        else:
+            parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(default),
+                                default=default, help=f"default: {default}")  # fmt: skip
+    args = vars(parser.parse_args(argv))
+    device, out = torch.device(args.pop("device")), args.pop("out")
+    sizes = Sizes(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+    text = bench(device, sizes)
+    out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
