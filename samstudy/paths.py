@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 SQLITE_PREFIX = "sqlite:///"
+SPOOL_FILE = "samstudy_mlflow_spool.json"  # MLflow operations a study could not send yet
 
 
 def project_root() -> Path:
@@ -55,3 +56,30 @@ def resolve_tracking_uri(explicit: str | None = None, root: Path | None = None) 
     sqlite path is made absolute against the project root (:func:`absolute_sqlite_uri`)."""
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
     return absolute_sqlite_uri(uri, root)
+
+
+def is_uri(path: str) -> bool:
+    """``s3://...``, ``gs://...``: storage that every node reaches by itself."""
+    return "://" in path
+
+
+def resolve_storage_path(path: str | None, root: Path | None = None) -> str:
+    """Absolute storage path (Tune requires it): relative paths are taken from the project."""
+    if path is None:
+        return str((root or project_root()) / "results" / "ray")
+    if is_uri(path):
+        return path.rstrip("/")
+    return str(absolute_path(path, root))
+
+
+def experiment_path(storage: str, name: str) -> str:
+    """``<storage>/<name>``, on a URI or a local disk."""
+    return f"{storage}/{name}" if is_uri(storage) else str(Path(storage) / name)
+
+
+def spool_path(experiment: str, name: str, root: Path) -> Path:
+    """Where MLflow operations that could not be sent wait for the next run: in the experiment,
+    or on this machine when the experiment is on a URI (the spool is a local file)."""
+    if is_uri(experiment):
+        return root / "results" / "ray" / f"{name}.{SPOOL_FILE}"
+    return Path(experiment) / SPOOL_FILE

@@ -72,6 +72,23 @@ class StudySettings(BaseModel):
 
     description: str = ""
     tracking: Tracking = Tracking()
+    storage_path: str | None = None
+
+
+def pending_spool(name: str, folder: str | Path | None = None, root: Path | None = None) -> int:
+    """How many MLflow operations a run of study ``name`` could not send yet (its spool file,
+    where ``samstudy study`` keeps them for its next run); 0 when there is none."""
+    import json
+
+    root = root or paths.project_root()
+    storage = paths.resolve_storage_path(study_settings(name, folder).storage_path, root)
+    spool = paths.spool_path(paths.experiment_path(storage, name), name, root)
+    if not spool.is_file():
+        return 0
+    try:
+        return len(json.loads(spool.read_text()).get("ops", []))
+    except (OSError, ValueError):
+        return 1  # unreadable: still something that did not reach MLflow
 
 
 def study_settings(name: str, folder: str | Path | None = None) -> StudySettings:

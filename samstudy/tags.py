@@ -21,13 +21,21 @@ NODE = "samstudy.node_id"
 NODE_IP = "samstudy.node_ip"
 HOSTNAME = "samstudy.hostname"
 RETRIED = "samstudy.retried"
+ERROR = "samstudy.error"  # a failed trial's "Type: message"; the traceback is ERROR_ARTIFACT
+ERROR_TYPE = "samstudy.error_type"  # the exception's class name
+RETRYABLE = "samstudy.retryable"  # "false" when the error could not succeed on retry
+LAST_ERROR = "samstudy.last_error"  # the error of the latest retried attempt
+SPOOL_CUT = "samstudy.spool_cut"  # epochs the MLflow spool could not keep (over its cap)
+ERROR_ARTIFACT = "error.txt"
 PARENT = "mlflow.parentRunId"  # MLflow's own: nests child runs under the study's run
 NOTE = "mlflow.note.content"  # MLflow's own: the run's description in the UI
 
 ROLE_PARENT = "parent"
 ROLE_TRIAL = "trial"
 
-# Trial statuses; `stopped` is a trial ended early by a scheduler (ASHA) before its last epoch.
+# Trial statuses; `stopped` is a trial ended early by a scheduler (ASHA) before its last epoch;
+# `interrupted` is a trial the driver left unfinished (its run KILLED until a rerun resumes it).
 TERMINAL_STATUSES = ("completed", "diverged", "stopped", "failed")
 # Outcomes that count as done: a rerun does not start these trials again.
 DONE_STATUSES = ("completed", "diverged", "stopped")
+INTERRUPTED = "interrupted"

@@ -88,6 +88,16 @@ def export_main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrackingError) as error:
         print(f"samstudy export: {error}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    from samstudy.settings import pending_spool
+
+    spooled = pending_spool(args.name, args.studies_dir)
+    if spooled:
+        print(
+            f"samstudy export: warning: {spooled} tracking operations of study {args.name} "
+            "have not reached MLflow yet (its spool file); the export misses them. Run "
+            f"`samstudy study {args.name}` once more to send them (quick for a complete study).",
+            file=sys.stderr,
+        )
     try:
         result = export_study(
             args.name,

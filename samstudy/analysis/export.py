@@ -197,6 +197,7 @@ def build_tables(
         "variant_id": [v[1] for v in variants],
         "run_name": [r.run_name for r in records],
         "status": [_trial_status(r) for r in records],
+        "error": [r.tags.get(tags.ERROR) for r in records],
         "mlflow_status": [r.mlflow_status for r in records],
         "parent_run_id": [r.tags.get(tags.PARENT) for r in records],
         "start_time": [r.start_time for r in records],

@@ -55,6 +55,7 @@ RUNS_FIXED_FIELDS: list[pa.Field] = [
     pa.field("variant_id", pa.string()),  # hash of the config without the seed
     pa.field("run_name", pa.string()),
     pa.field("status", pa.string()),  # samstudy.status tag, else derived from the MLflow status
+    pa.field("error", pa.string()),  # a failed trial's "Type: message" (samstudy.error tag)
     pa.field("mlflow_status", pa.string()),
     pa.field("parent_run_id", pa.string()),
     pa.field("start_time", TIMESTAMP_TYPE),

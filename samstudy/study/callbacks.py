@@ -12,16 +12,21 @@ that forwards every hook to the callbacks of the *current* ``run_study`` call
 from __future__ import annotations
 
 import contextlib
-import math
-import sys
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn
 
 from ray.tune import Callback
 
 from samstudy import tags
+from samstudy.study.failures import (
+    ERROR,
+    Failure,
+    StorageFault,
+    error_file,
+    from_tune_error,
+    is_storage_error,
+)
 from samstudy.study.spec import StudySpec
 from samstudy.study.state import ExperimentFiles, save_state
 from samstudy.study.tracking import StudyTracker
@@ -174,12 +179,72 @@ class TrialResolver:
         return self(trial.config, trial.trial_id)
 
 
+class FailureBook(Callback):
+    """Collects each trial attempt's :class:`Failure` on the driver; first of the callbacks.
+
+    ``on_trial_result`` takes the record a failing trial sent and, when it cannot succeed on
+    retry, sets the Tune trial's ``max_failures`` to 0 so Tune fails it now. The other callbacks
+    read the failure of an error or recovery with :meth:`take` (which falls back to Tune's own
+    error when the trial sent none) once per event.
+    """
+
+    def __init__(self, max_failures: int) -> None:
+        self.max_failures = max_failures
+        self._sent: dict[str, Failure] = {}  # Tune trial id -> record of the failing attempt
+        self._event: dict[str, Failure] = {}  # Tune trial id -> failure of the current event
+        self.final: dict[str, Failure] = {}  # Tune trial id -> why it failed for good
+        self.fault: StorageFault | None = None  # set when the storage cannot be written
+
+    def storage_fault(self, message: str) -> NoReturn:
+        """Stop the study: the storage cannot be written. Raised through Tune (which wraps it
+        in a ``TuneError``), so the runner reads :attr:`fault` rather than the exception."""
+        self.fault = StorageFault(message)
+        raise self.fault
+
+    def on_trial_start(self, trial: Any, **info: Any) -> None:
+        # A trial failed for good in an earlier run and resumed now gets its retries back
+        # (Tune restores the max_failures it was given).
+        trial.max_failures = self.max_failures
+        self._sent.pop(trial.trial_id, None)
+
+    def on_trial_result(self, trial: Any, result: dict, **info: Any) -> None:
+        record = result.get(ERROR)
+        if not isinstance(record, Mapping):
+            return
+        failure = Failure.from_dict(record)
+        self._sent[trial.trial_id] = failure
+        if failure.storage:  # stop the study now: the trial stays resumable, no retry burnt
+            self.storage_fault(failure.summary)
+        if not failure.retryable:
+            trial.max_failures = 0  # Tune's only say in the retry (see the module docstring)
+
+    def _settle(self, trial: Any) -> Failure:
+        failure = self._sent.pop(trial.trial_id, None) or from_tune_error(trial)
+        if not failure.error_file:
+            failure = Failure(**{**failure.to_dict(), "error_file": error_file(trial)})
+        self._event[trial.trial_id] = failure
+        return failure
+
+    def on_trial_recover(self, trial: Any, **info: Any) -> None:
+        self._settle(trial)
+
+    def on_trial_error(self, trial: Any, **info: Any) -> None:
+        self.final[trial.trial_id] = self._settle(trial)
+
+    def take(self, trial: Any) -> Failure:
+        """The failure of the error or recovery event being handled for ``trial``."""
+        return self._event.get(trial.trial_id) or self._settle(trial)
+
+
 class TrackingCallback(Callback):
     """Feeds a :class:`StudyTracker` from Tune's driver-side events."""
 
-    def __init__(self, tracker: StudyTracker, resolver: TrialResolver) -> None:
+    def __init__(
+        self, tracker: StudyTracker, resolver: TrialResolver, book: FailureBook | None = None
+    ) -> None:
         self.tracker = tracker
         self.resolver = resolver
+        self.book = book or FailureBook(0)
         self._nodes: dict[str, str] = {}
 
     def _log(self, trial: Mapping[str, Any], result: Mapping[str, Any]) -> int:
@@ -226,13 +291,19 @@ class TrackingCallback(Callback):
         self._log(samstudy_trial, result)
 
     def on_trial_recover(self, trial: Any, **info: Any) -> None:
-        self.tracker.set_status(self.resolver.of(trial), "running", tags={tags.RETRIED: "true"})
+        failure = self.book.take(trial)
+        self.tracker.set_status(
+            self.resolver.of(trial),
+            "running",
+            tags={tags.RETRIED: "true", tags.LAST_ERROR: failure.summary},
+        )
 
     def on_trial_complete(self, trial: Any, **info: Any) -> None:
         self.tracker.set_status(self.resolver.of(trial), final_status(trial.last_result))
 
     def on_trial_error(self, trial: Any, **info: Any) -> None:
-        self.tracker.set_status(self.resolver.of(trial), "failed")
+        failure = self.book.take(trial)
+        self.tracker.set_status(self.resolver.of(trial), "failed", error=failure)
 
 
 class OutcomeCallback(Callback):
@@ -243,115 +314,67 @@ class OutcomeCallback(Callback):
     """
 
     def __init__(
-        self, files: ExperimentFiles, state: dict[str, Any], resolver: TrialResolver
+        self,
+        files: ExperimentFiles,
+        state: dict[str, Any],
+        resolver: TrialResolver,
+        book: FailureBook | None = None,
     ) -> None:
         self.files = files
         self.state = state
         self.resolver = resolver
+        self.book = book or FailureBook(0)
+        self._running: dict[str, Any] = {}  # Tune trial id -> Tune trial, while it runs
+        self._failed: list[tuple[Any, Failure]] = []
 
-    def _record(self, trial: Any, status: str) -> None:
+    def interrupt(self) -> list[dict[str, Any]]:
+        """Record the trials still running as ``interrupted`` (the driver is stopping);
+        returns their samstudy trials."""
+        trials = [self.resolver.of(t) for t in self._running.values()]
+        for trial in trials:
+            self.state["trials"][trial["trial_id"]]["status"] = tags.INTERRUPTED
+        self._running.clear()
+        return trials
+
+    def failed_now(self) -> list[tuple[Any, Failure]]:
+        """The Tune trials that failed for good in this run, with their failure."""
+        return list(self._failed)
+
+    def _record(self, trial: Any, status: str, failure: Failure | None = None) -> None:
         samstudy_trial = self.resolver.of(trial)
-        epoch = (trial.last_result or {}).get("epoch")
-        self.state["trials"][samstudy_trial["trial_id"]] = {
+        last = trial.last_result or {}
+        epoch = failure.epoch if failure is not None else last.get("epoch")
+        record = {
             "name": samstudy_trial["name"],
             "status": status,
             "epoch": epoch,
             "tune_trial_id": trial.trial_id,
         }
-        save_state(self.files, self.state)
+        if failure is not None:
+            record["error"] = failure.summary
+            record["retryable"] = failure.retryable
+            record["error_file"] = failure.error_file
+        self.state["trials"][samstudy_trial["trial_id"]] = record
+        self._save()
+
+    def _save(self) -> None:
+        try:
+            save_state(self.files, self.state)
+        except OSError as exc:
+            if is_storage_error(exc):
+                self.book.storage_fault(f"{type(exc).__name__}: {exc}")
+            raise
 
     def on_trial_start(self, trial: Any, **info: Any) -> None:
+        self._running[trial.trial_id] = trial
         self._record(trial, "running")
 
     def on_trial_complete(self, trial: Any, **info: Any) -> None:
+        self._running.pop(trial.trial_id, None)
         self._record(trial, final_status(trial.last_result))
 
     def on_trial_error(self, trial: Any, **info: Any) -> None:
-        self._record(trial, "failed")
-
-
-class ProgressCallback(Callback):
-    """A compact live view: one line per trial event, epoch lines throttled per trial, and a
-    summary line every ``summary_s`` seconds."""
-
-    KEYS = ("train_loss", "train_acc", "test_acc", "best_test_acc", "memorization")
-
-    def __init__(
-        self,
-        total: int,
-        resolver: TrialResolver,
-        done: int = 0,
-        out: TextIO | None = None,
-        interval_s: float = 10.0,
-        summary_s: float = 30.0,
-    ) -> None:
-        self.total = total
-        self.resolver = resolver
-        self.done = done
-        self.out = out or sys.stdout
-        self.interval_s = interval_s
-        self.summary_s = summary_s
-        self.start = time.monotonic()
-        self._last_line: dict[str, float] = {}
-        self._last_summary = self.start
-        self._running: set[str] = set()
-        self._started: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    def _print(self, text: str) -> None:
-        print(f"[{time.monotonic() - self.start:7.1f}s] {text}", file=self.out, flush=True)
-
-    def _label(self, trial: Any) -> str:
-        inner = self.resolver.of(trial)
-        return f"{inner['trial_id'][:12]} {inner['name']}"
-
-    def on_trial_start(self, trial: Any, **info: Any) -> None:
-        self._running.add(trial.trial_id)
-        self._started[trial.trial_id] = time.monotonic()
-        self._print(f"{'start':<10}{self._label(trial)}  ({len(self._running)} running)")
-
-    def on_trial_result(self, trial: Any, result: dict, **info: Any) -> None:
-        now = time.monotonic()
-        if now - self._last_line.get(trial.trial_id, -math.inf) < self.interval_s:
-            return
-        self._last_line[trial.trial_id] = now
-        epochs = self.resolver.of(trial)["config"].get("epochs", "?")
-        values = " ".join(
-            f"{k} {result[k]:.4g}" for k in self.KEYS if isinstance(result.get(k), int | float)
-        )
-        self._print(f"epoch {result.get('epoch', '?')}/{epochs}  {self._label(trial)}  {values}")
-
-    def _finished(self, trial: Any, status: str) -> None:
-        self._running.discard(trial.trial_id)
-        self.done += 1
-        self.counts[status] = self.counts.get(status, 0) + 1
-        took = time.monotonic() - self._started.get(trial.trial_id, time.monotonic())
-        last = trial.last_result or {}
-        best = last.get("best_test_acc")
-        extra = f" best_test_acc {best:.4g}" if isinstance(best, int | float) else ""
-        self._print(
-            f"{status:<10}{self._label(trial)}  epoch {last.get('epoch', '?')}{extra} "
-            f"({took:.1f} s)  [{self.done}/{self.total} done]"
-        )
-
-    def on_trial_complete(self, trial: Any, **info: Any) -> None:
-        self._finished(trial, final_status(trial.last_result))
-
-    def on_trial_error(self, trial: Any, **info: Any) -> None:
-        self._finished(trial, "FAILED")
-
-    def on_trial_recover(self, trial: Any, **info: Any) -> None:
-        epoch = (trial.last_result or {}).get("epoch", 0)
-        self._print(
-            f"{'retry':<10}{self._label(trial)}  (failed after epoch {epoch}; from checkpoint)"
-        )
-
-    def on_step_end(self, **info: Any) -> None:
-        now = time.monotonic()
-        if now - self._last_summary >= self.summary_s:
-            self._last_summary = now
-            counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts.items()))
-            self._print(
-                f"{'summary':<10}{self.done}/{self.total} done ({counts or 'none yet'}), "
-                f"{len(self._running)} running"
-            )
+        self._running.pop(trial.trial_id, None)
+        failure = self.book.take(trial)
+        self._failed.append((trial, failure))
+        self._record(trial, "failed", failure)

@@ -44,12 +44,14 @@ def study_main(argv: list[str]) -> int:
 
     Running it again resumes an interrupted study (finished trials are kept, unfinished and
     failed ones continue from their last checkpoint); a complete study starts nothing.
-    Exit status: 0 complete, 1 some trials failed or the run was interrupted, 2 the study (or
-    its set-up) is invalid.
     """
+    from samstudy.study.result import EXIT_CODES
+
     parser = argparse.ArgumentParser(
         prog="samstudy study",
         description=study_main.__doc__,
+        epilog="exit status:\n"
+        + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("name", help="study name (studies/NAME.yaml) or path to a study file")
@@ -102,6 +104,8 @@ def study_main(argv: list[str]) -> int:
         return 2
 
     from samstudy.settings import TrackingError
+    from samstudy.study.failures import failure_table
+    from samstudy.study.result import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_STORAGE
     from samstudy.study.runner import RunnerError, run_study
 
     try:
@@ -119,12 +123,15 @@ def study_main(argv: list[str]) -> int:
         )
     except (RunnerError, TrackingError) as exc:
         print(f"samstudy study: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INVALID
     except KeyboardInterrupt:
         print(f"interrupted; run `samstudy study {spec.name}` again to resume.", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     if result.status == "already_complete":
-        return 0
+        return result.exit_code
+    if result.status == "storage_fault":
+        print(f"samstudy study: {result.message}", file=sys.stderr)
+        return EXIT_STORAGE
     counts: dict[str, int] = {}
     for status in result.trials.values():
         counts[status] = counts.get(status, 0) + 1
@@ -134,17 +141,22 @@ def study_main(argv: list[str]) -> int:
         f"Ray results: {result.experiment_path}; MLflow: {result.tracking_uri} "
         f"(`make ui` to browse)."
     )
+    if result.failures:
+        print(f"failed trials ({len(result.failures)}):")
+        print(failure_table(sorted(result.failures.items())))
+        print("tracebacks: each failed run's error.txt in MLflow, and the error.txt files above")
     if result.tracking_pending:
         print(
-            f"warning: {result.tracking_pending} tracking operations could not reach MLflow; "
-            f"they are kept and sent by the next `samstudy study {spec.name}`.",
+            f"warning: MLflow is incomplete: {result.tracking_pending} tracking operations "
+            f"could not reach it; they are kept and sent by the next `samstudy study "
+            f"{spec.name}` (exit status {result.exit_code}).",
             file=sys.stderr,
         )
     if result.status == "interrupted":
         print(f"run `samstudy study {spec.name}` again to resume.")
     elif result.status == "failed":
         print(f"some trials failed; run `samstudy study {spec.name}` again to retry them.")
-    return 0 if result.status == "complete" else 1
+    return result.exit_code
 
 
 def ui_main(argv: list[str]) -> int:

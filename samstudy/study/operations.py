@@ -58,13 +58,15 @@ class Purge:
 @dataclass(frozen=True)
 class TrialStatus:
     """Set a trial's ``samstudy.status`` (and ``tags``); a terminal status ends its run at
-    ``ts`` (ms), ``running`` (re)opens it."""
+    ``ts`` (ms), ``interrupted`` marks it KILLED, ``running`` (re)opens it. ``traceback``, when
+    given, becomes the run's ``error.txt`` artifact."""
 
     KIND: ClassVar[str] = "status"
     trial_id: str
     status: str
     ts: int | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    traceback: str | None = None
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,16 @@ class Outbox:
         with self._cond:
             left = list(self._ops)
             self._ops.clear()
-        self._save_spool(left)
+        try:
+            self._save_spool(left)
+        except OSError as exc:  # a full disk: say what is lost rather than crash the driver
+            logger.error(
+                "could not write the MLflow spool %s (%s): %d tracking operations are lost; "
+                "the study's Ray results keep the epochs (a rerun replays them)",
+                self.spool_path,
+                exc,
+                len(left),
+            )
         return len(left)
 
     @property

@@ -255,4 +255,10 @@ def format_plan(spec: StudySpec) -> str:
         detail = f" ({configs} configurations x {len(seeds)} seeds)" if seeds else ""
         lines.append(f"{len(trials)} trials{detail}")
     lines.append(cost.summary())
+    from samstudy.study.disk import estimate_disk
+
+    # On this machine, the trials that fit at once; elsewhere max_concurrent or every trial.
+    running = cost.concurrency or spec.max_concurrent or cost.trials
+    storage = spec.storage_path or "results/ray"
+    lines.append(estimate_disk(spec, running).summary(f"{storage}/{spec.name}"))
     return "\n".join(lines)

@@ -25,21 +25,26 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from samstudy import tags
 from samstudy.paths import project_root
 from samstudy.settings import tracking_target
 from samstudy.study import callbacks as _callbacks
 from samstudy.study.callbacks import (
+    FailureBook,
     OutcomeCallback,
-    ProgressCallback,
     TrackingCallback,
     TrialResolver,
     dispatching,
     run_config_callbacks,
 )
+from samstudy.study.cluster import check_storage, init_ray
+from samstudy.study.failures import StorageFault, is_storage_error
+from samstudy.study.progress import ProgressCallback
+from samstudy.study.pruning import CheckpointPruner
+from samstudy.study.result import EXIT_CODES, StudyResult
 from samstudy.study.searchspace import param_space
 from samstudy.study.spec import StudySpec
 from samstudy.study.state import (
@@ -47,7 +52,6 @@ from samstudy.study.state import (
     RunnerError,
     done_count,
     experiment_path,
-    is_uri,
     load_state,
     new_state,
     outcome,
@@ -68,81 +72,14 @@ logger = logging.getLogger(__name__)
 _Dispatch = _callbacks._Dispatch
 _DropEarlierEpochs = _callbacks._DropEarlierEpochs
 
-SHARED_STORAGE_ENV = "SAMSTUDY_SHARED_STORAGE"
-
-__all__ = ["RunnerError", "StudyResult", "check_storage", "init_ray", "run_study"]
-
-
-@dataclass
-class StudyResult:
-    """What ``run_study`` did.
-
-    ``status``: ``complete`` (every trial ended completed / diverged / stopped), ``failed``
-    (every trial ended, some failed after all retries), ``interrupted`` (stopped before the end),
-    or ``already_complete`` (nothing was started).
-    """
-
-    name: str
-    status: str
-    experiment_path: str
-    tracking_uri: str
-    trials: dict[str, str] = field(default_factory=dict)  # trial id -> status
-    wall_s: float = 0.0
-    tracking_pending: int = 0  # tracking operations spooled because MLflow was unreachable
-
-    @property
-    def ok(self) -> bool:
-        """True when the study is complete (now or before)."""
-        return self.status in ("complete", "already_complete")
-
-
-# -- ray ---------------------------------------------------------------------------------------
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Connect to ``address`` / ``RAY_ADDRESS`` or start a local Ray; True if this call started
-    (or connected) it, so the caller shuts it down. An already initialised Ray is reused."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and address.startswith("ray://"):
-        # Through Ray Client, Tune runs the experiment (and so the MLflow tracking callbacks)
-        # in a remote actor; the driver-side tracking needs a real driver on the cluster.
-        raise RunnerError(
-            f"RAY_ADDRESS {address!r} is a Ray Client address; run `samstudy study` on a node "
-            "of the cluster with RAY_ADDRESS=HEAD_IP:6379 (the GCS address) instead"
-        )
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        # No dashboard: nothing listens beyond what Ray itself needs (bound to this host).
-        ray.init(include_dashboard=False, num_cpus=num_cpus, logging_level=logging.WARNING)
-    return True
-
-
-def check_storage(storage: str, shared: bool | None = None) -> None:
-    """Refuse a node-local storage path on a cluster of several nodes.
-
-    Trials on other nodes write their checkpoints to ``storage``; a restored trial must find
-    them wherever it is placed, so the path has to be shared (a URI, or a network filesystem
-    mounted at the same path on every node, declared with ``--shared-storage`` or
-    ``SAMSTUDY_SHARED_STORAGE=1``).
-    """
-    import ray
-
-    if shared is None:
-        shared = os.environ.get(SHARED_STORAGE_ENV, "").lower() in ("1", "true", "yes")
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and not is_uri(storage) and not shared:
-        raise RunnerError(
-            f"the Ray cluster has {len(nodes)} nodes but the storage path {storage} is a local "
-            "folder: checkpoints written on one node would be missing when a trial resumes on "
-            "another. Use shared storage: a URI (s3://bucket/path, gs://...) or a network "
-            "filesystem mounted at the same path on every node, then pass --storage-path PATH "
-            f"and --shared-storage (or set {SHARED_STORAGE_ENV}=1)."
-        )
+__all__ = [
+    "EXIT_CODES",
+    "RunnerError",
+    "StudyResult",
+    "check_storage",
+    "init_ray",
+    "run_study",
+]
 
 
 # -- the study ---------------------------------------------------------------------------------
@@ -224,21 +161,33 @@ def run_study(
             spool.unlink(missing_ok=True)
         tracker.start(purge=fresh)
         status = "interrupted"
+        outcomes: OutcomeCallback | None = None
+        fault: StorageFault | None = None
         try:
             restoring = tune.Tuner.can_restore(path)
             if state is None or not restoring:  # nothing to resume: a new outcome record
                 state = new_state(study, fingerprint)
+                state["max_failures"] = max_failures
+                state["own_loggers"] = True  # run_config_callbacks(): the JSON logger only
             save_state(files, state)
             resolver = TrialResolver(study, root)
-            tracking = TrackingCallback(tracker, resolver)
+            # Tune restores the retries an experiment started with; so does the book.
+            book = FailureBook(int(state.get("max_failures", max_failures)))
+            tracking = TrackingCallback(tracker, resolver, book)
             if restoring:
                 replayed = reconcile(files, tracking, state)
                 logger.info("reconciled %d Tune results with MLflow", replayed)
             total = len(trials) if study.search is None else study.search.num_samples
             done = done_count(state)
-            active: list[Any] = [tracking, OutcomeCallback(files, state, resolver)]
+            outcomes = OutcomeCallback(files, state, resolver, book)
+            active: list[Any] = [book, tracking, outcomes]  # the book first: it decides retries
+            pruner = None if study.checkpoints.keep_final else CheckpointPruner(files)
+            if pruner is not None:
+                active.append(pruner)
             if progress:
-                active.append(ProgressCallback(total, resolver, done, out, progress_interval_s))
+                active.append(
+                    ProgressCallback(total, resolver, done, out, progress_interval_s, book=book)
+                )
             active.extend(callbacks)
             verb = "resuming" if restoring else "starting"
             print(
@@ -248,32 +197,62 @@ def run_study(
                 flush=True,
             )
             fn = _trainable(study, root)
-            if restoring:
-                tuner = tune.Tuner.restore(path, fn, resume_unfinished=True, resume_errored=True)
-            else:
-                tuner = tune.Tuner(
-                    fn,
-                    param_space=param_space(study, trials),
-                    tune_config=_tune_config(study, reuse_actors),
-                    run_config=tune.RunConfig(
-                        name=study.name,
-                        storage_path=storage,
-                        failure_config=tune.FailureConfig(max_failures=max_failures),
-                        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                        callbacks=run_config_callbacks(),
-                        verbose=0,
-                    ),
-                )
-            with dispatching(active), _tune_env(_tune_switches(restoring)):
-                tuner.fit()
-            status = outcome(study, [t.trial_id for t in trials], state)
+            # Experiments of this version hold their JSON logger in the run config, so a
+            # restore too runs without Tune's default loggers (older ones keep them).
+            switches = _tune_switches(restoring and not state.get("own_loggers"))
+            try:
+                with dispatching(active), _tune_env(switches), _quiet_tune():
+                    if restoring:
+                        tuner = tune.Tuner.restore(
+                            path, fn, resume_unfinished=True, resume_errored=True
+                        )
+                    else:
+                        tuner = tune.Tuner(
+                            fn,
+                            param_space=param_space(study, trials),
+                            tune_config=_tune_config(study, reuse_actors),
+                            run_config=tune.RunConfig(
+                                name=study.name,
+                                storage_path=storage,
+                                failure_config=tune.FailureConfig(max_failures=max_failures),
+                                checkpoint_config=tune.CheckpointConfig(
+                                    num_to_keep=study.checkpoints.keep
+                                ),
+                                callbacks=run_config_callbacks(),
+                                verbose=0,
+                            ),
+                        )
+                    tuner.fit()
+                if pruner is not None:  # Tune's final state is saved: the rest is safe now
+                    pruner.prune()
+            except Exception as exc:
+                # A trial's checkpoint or the state file (the book saw it; Tune wraps what a
+                # callback raises), or Tune's own writes to the storage.
+                fault = book.fault
+                if fault is None and isinstance(exc, OSError) and is_storage_error(exc):
+                    fault = StorageFault(f"{type(exc).__name__}: {exc}")
+                if fault is None:
+                    raise
+            if fault is None:
+                status = outcome(study, [t.trial_id for t in trials], state)
         finally:
             # Whatever happened, the outcome is recorded and tracking is flushed or spooled.
             if state is not None:
+                if outcomes is not None:
+                    for trial in outcomes.interrupt():  # runs left resumable, not RUNNING
+                        tracker.set_status(trial, tags.INTERRUPTED)
+                    result.failures = {
+                        resolver.of(t)["name"]: f for t, f in outcomes.failed_now()
+                    }
                 state["complete"] = status == "complete"
-                save_state(files, state)
+                try:
+                    save_state(files, state)
+                except OSError as exc:
+                    if not is_storage_error(exc):
+                        raise
+                    fault = fault or StorageFault(f"{type(exc).__name__}: {exc}")
                 result.trials = {k: v["status"] for k, v in state["trials"].items()}
-            result.status = status
+            result.status = "storage_fault" if fault is not None else status
             if tracker.pending:
                 print(f"flushing {tracker.pending} MLflow operations...", file=out, flush=True)
             result.tracking_pending = tracker.finish(status, flush_timeout_s)
@@ -283,6 +262,12 @@ def run_study(
 
             ray.shutdown()
     result.wall_s = time.monotonic() - started
+    if fault is not None:
+        result.message = (
+            f"the study's storage {storage} cannot be written ({fault}); free space there "
+            f"or move it (--storage-path), then run `samstudy study {study.name}` again to "
+            "resume"
+        )
     return result
 
 
@@ -319,17 +304,36 @@ def _tune_switches(restoring: bool) -> dict[str, str]:
 
     No CSV and TensorBoard loggers (driver CPU and an fsync per result, read by nothing here);
     the JSON one, whose ``result.json`` :func:`~samstudy.study.state.reconcile` reads, is in
-    the run config. A restored experiment brings its own pickled callbacks, so it keeps Tune's
-    defaults. Tune's legacy console output, silent at ``verbose=0``: the newer one prints a
+    the run config (``restoring`` an experiment of an earlier version, whose run config has no
+    JSON logger, keeps Tune's defaults). Tune's legacy console output, silent at ``verbose=0``: the newer one prints a
     configuration box and a results path into the study's own progress view even then.
     (Tune's own result buffering, ``TUNE_RESULT_BUFFER_LENGTH``, is not used: Ray 2.60's
     controller passes its two arguments to ``train_buffered`` in swapped order; the trainable
     batches its epochs itself, see :func:`~samstudy.study.worker.trainable`.)
     """
-    switches = {"RAY_AIR_NEW_OUTPUT": "0"}
+    # Tune logs every trial error with Ray's whole traceback (tens of lines per attempt); the
+    # failure callbacks print one line each instead, the traceback stays in error.txt.
+    switches = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}
     if not restoring:
         switches["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     return switches
+
+
+@contextlib.contextmanager
+def _quiet_tune() -> Iterator[None]:
+    """Keep Tune's own end-of-run lines off the console: "Trials did not complete" (the study
+    prints its failed trials with their reasons) and, on restore, "Failed to fetch metrics" for
+    each trial that had not reported yet."""
+    names = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 @contextlib.contextmanager

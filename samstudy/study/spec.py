@@ -4,7 +4,8 @@ A study file is validated completely before anything is launched: the schema (py
 keys refused), every grid path, and every expanded trial config (``TrialConfig``, which runs the
 optimizer's own checks). Every problem is a :class:`StudyError` naming the file, the field path
 and what is allowed. Expansion into trials lives in ``samstudy.study.expand``; the grammar is
-documented in ``docs/studies.md``.
+documented in ``docs/studies.md``. Long because it is the whole study-file schema, with the
+validators that need the expanded trials, in one place.
 """
 
 from __future__ import annotations
@@ -44,6 +45,17 @@ class StudyError(Exception):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class Checkpoints(_Strict):
+    """Which checkpoints a study keeps in its storage (fixed when the study first starts)."""
+
+    # Two, not one: a driver killed outright can leave Tune's saved state naming the one
+    # before the last, which a resume then needs.
+    keep: int = Field(2, ge=1, description="checkpoints kept per running trial (the latest)")
+    keep_final: bool = Field(
+        False, description="keep a finished trial's last checkpoint (its final weights)"
+    )
 
 
 class Resources(_Strict):
@@ -191,6 +203,7 @@ class StudySpec(_Strict):
     checkpoint_min_s: float = Field(
         10.0, ge=0, description="seconds of a trial's run between checkpoints kept; 0 = every one"
     )
+    checkpoints: Checkpoints = Field(default_factory=Checkpoints)
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)  # what the report compares
 
     _base_raw: dict[str, Any] = PrivateAttr(default_factory=dict)

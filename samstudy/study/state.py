@@ -12,18 +12,22 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from samstudy import tags
-from samstudy.paths import absolute_path, project_root
+from samstudy.paths import (  # noqa: F401 - where a study's files live (re-exported)
+    SPOOL_FILE,
+    experiment_path,
+    is_uri,
+    resolve_storage_path,
+    spool_path,
+)
 from samstudy.study.spec import StudySpec, TrialSpec
 
 if TYPE_CHECKING:  # callbacks imports this module
     from samstudy.study.callbacks import TrackingCallback
 
 STATE_FILE = "samstudy_state.json"
-SPOOL_FILE = "samstudy_mlflow_spool.json"
 
 
 class RunnerError(RuntimeError):
@@ -31,33 +35,6 @@ class RunnerError(RuntimeError):
 
 
 # -- where -------------------------------------------------------------------------------------
-
-
-def is_uri(path: str) -> bool:
-    """``s3://...``, ``gs://...``: storage that every node reaches by itself."""
-    return "://" in path
-
-
-def resolve_storage_path(path: str | None, root: Path | None = None) -> str:
-    """Absolute storage path (Tune requires it): relative paths are taken from the project."""
-    if path is None:
-        return str((root or project_root()) / "results" / "ray")
-    if is_uri(path):
-        return path.rstrip("/")
-    return str(absolute_path(path, root))
-
-
-def experiment_path(storage: str, name: str) -> str:
-    """``<storage>/<name>``, on a URI or a local disk."""
-    return f"{storage}/{name}" if is_uri(storage) else str(Path(storage) / name)
-
-
-def spool_path(experiment: str, name: str, root: Path) -> Path:
-    """Where MLflow operations that could not be sent wait for the next run: in the experiment,
-    or on this machine when the experiment is on a URI (the spool is a local file)."""
-    if is_uri(experiment):
-        return root / "results" / "ray" / f"{name}.{SPOOL_FILE}"
-    return Path(experiment) / SPOOL_FILE
 
 
 class ExperimentFiles:

@@ -325,9 +325,13 @@ class MlflowStore:
     def _set_status(self, op: TrialStatus) -> None:
         run_id = self._ensure_trial(op.trial_id)
         self.client.log_batch(run_id, tags=_run_tags({tags.STATUS: op.status, **op.tags}))
+        if op.traceback:  # log_text overwrites: applying the operation again is safe
+            self.client.log_text(run_id, op.traceback, tags.ERROR_ARTIFACT)
         if op.status in tags.TERMINAL_STATUSES:
             mlflow_status = "FAILED" if op.status == "failed" else "FINISHED"
             self.client.set_terminated(run_id, status=mlflow_status, end_time=op.ts)
+        elif op.status == tags.INTERRUPTED:
+            self.client.set_terminated(run_id, status="KILLED", end_time=op.ts)
         elif op.status == "running":
             self.client.update_run(run_id, status="RUNNING")
 

@@ -18,7 +18,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from samstudy import tags as tag_names
 from samstudy.paths import project_root
+from samstudy.study.failures import Failure
 from samstudy.study.operations import (
     EndStudy,
     MarkStudy,
@@ -128,11 +130,26 @@ class StudyTracker:
         self.outbox.put(TrialMetrics(trial_id, int(epoch), dict(metrics), ts))
 
     def set_status(
-        self, trial: Mapping[str, Any], status: str, *, tags: Mapping[str, str] | None = None
+        self,
+        trial: Mapping[str, Any],
+        status: str,
+        *,
+        tags: Mapping[str, str] | None = None,
+        error: Failure | None = None,
     ) -> None:
-        """Set ``samstudy.status`` (terminal statuses also end the run) and any extra tags."""
+        """Set ``samstudy.status`` (terminal statuses also end the run) and any extra tags;
+        ``error``: the failure's message as tags and its traceback as an artifact."""
         trial_id = self._remember(trial)
-        self.outbox.put(TrialStatus(trial_id, status, _now_ms(), dict(tags or {})))
+        values = dict(tags or {})
+        traceback = None
+        if error is not None:
+            values |= {
+                tag_names.ERROR: error.summary,
+                tag_names.ERROR_TYPE: error.type,
+                tag_names.RETRYABLE: str(error.retryable).lower(),
+            }
+            traceback = error.traceback or error.summary
+        self.outbox.put(TrialStatus(trial_id, status, _now_ms(), values, traceback))
 
     def set_tags(self, trial: Mapping[str, Any], tags: Mapping[str, str]) -> None:
         """Set extra tags on a trial's run (for instance the node it ran on)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from samstudy.paths import absolute_path, project_root
+from samstudy.study.failures import ERROR, Failure, describe
 from samstudy.study.searchspace import decode_overrides
 from samstudy.study.spec import StudySpec, TrialSpec
 
@@ -105,8 +106,11 @@ def trainable(
     batcher = EpochBatcher(send, batch_s, checkpoint_min_s)
     try:
         run_trial(trial["config"], batcher, resume=resume)
-    except Exception:
+    except Exception as exc:
         batcher.flush()  # the epochs before the error reach MLflow even if no retry is left
+        # The error itself, before Ray wraps it: the driver shows it and decides on retrying.
+        metric = study.search.metric if study is not None and study.search is not None else None
+        batcher.fail(describe(exc, batcher.last_epoch), metric)
         raise
 
 
@@ -134,9 +138,14 @@ class EpochBatcher:
         self.clock = clock
         self.held: list[dict[str, Any]] = []
         self.last_sent = self.last_checkpoint = clock()
+        self.last: Mapping[str, Any] = {}  # the latest epoch's metrics
+        self.last_epoch: int | None = None  # the latest epoch this attempt finished
 
     def __call__(self, metrics: Mapping[str, Any], state: dict[str, Any] | None = None) -> None:
         metrics = {WALL_TIME: time.time(), **metrics}
+        self.last = metrics
+        if isinstance(metrics.get("epoch"), int):
+            self.last_epoch = metrics["epoch"]
         final = metrics.get("status") != "running"
         now = self.clock()
         if state is not None and not final and now - self.last_checkpoint < self.checkpoint_min_s:
@@ -152,6 +161,19 @@ class EpochBatcher:
         """Send the held epochs now (the last one as the result)."""
         if self.held:
             self._send(self.held.pop(), None)
+
+    def fail(self, failure: Failure, metric: str | None = None) -> None:
+        """Send ``failure`` as one last result (:data:`~samstudy.study.failures.ERROR`), with
+        no epoch. A search study's ``metric`` is in it too (its last value, else NaN): Tune
+        refuses a result without it. Sending it may fail in turn; the trial's error matters
+        more, so that is swallowed."""
+        metrics: dict[str, Any] = {ERROR: failure.to_dict()}
+        if metric is not None:
+            metrics[metric] = self.last.get(metric, float("nan"))
+        try:
+            self._send(metrics, None)
+        except Exception:  # noqa: BLE001 - the driver falls back to Tune's own error record
+            pass
 
     def _send(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         metrics[EARLIER_EPOCHS] = self.held
