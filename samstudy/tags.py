@@ -32,6 +32,11 @@ NOTE = "mlflow.note.content"  # MLflow's own: the run's description in the UI
 
 ROLE_PARENT = "parent"
 ROLE_TRIAL = "trial"
+ROLE_VARIANT = "variant"  # a summary run: one variant's seed aggregates (samstudy summarize)
+# MLflow 3's own experiment tag: a model-training experiment opens on its runs table in the UI
+# (an experiment without it may open on the GenAI overview).
+EXPERIMENT_KIND = "mlflow.experimentKind"
+KIND_MODEL_TRAINING = "custom_model_development"
 
 # Trial statuses; `stopped` is a trial ended early by a scheduler (ASHA) before its last epoch;
 # `interrupted` is a trial the driver left unfinished (its run KILLED until a rerun resumes it).

@@ -28,14 +28,18 @@ EPOCHS = 6
 # Variants compared with a reference (pairs variant -> reference), as the study files declare:
 # quickstart and same_checkpoints and custom_same and magnitude_direction: every variant but
 # SAM against SAM at its rho (SGD at the base rho); clamp_sam: each clamped run against
-# unclamped SAM at its rho; label_noise_theory: J-SAM and logit-SAM against full SAM (24), every
-# SAM-family variant against SGD (48); rho_direction: sam_where_agree against SAM (14), SGD
-# against SAM at rho 0.05 (2), every two-step variant against SGD (28).
+# unclamped SAM at its rho; label_noise_theory: J-SAM and logit-SAM, batch-wide and per example,
+# against full SAM with the same m (72), every SAM-family variant against SGD (108);
+# rho_direction: sam_where_agree against SAM (14), SGD against SAM at rho 0.05 (2), every
+# two-step variant against SGD (28); asam_regions: ASAM against SAM at its rho (3), SAM and ASAM
+# against SGD (6); data_size: SGD against SAM at each training fraction and noise rate (8).
 EXPECTED_PAIRS = {
     "quickstart": 13,
+    "asam_regions": 9,
     "clamp_sam": 15,
     "custom_same": 20,
-    "label_noise_theory": 72,
+    "data_size": 8,
+    "label_noise_theory": 180,
     "magnitude_direction": 20,
     "rho_direction": 44,
     "same_checkpoints": 24,
@@ -74,6 +78,12 @@ def curves(config: dict, variant_id: str) -> dict[str, list[float]]:
                 region_ckpt3=negative / 2 + 0.1 * t,
                 region_ckpt4=negative / 2 + 0.1 * t - jitter,
                 grad_ratio=1.0 + rho + 0.5 * t + jitter,  # larger later (God sign 2)
+            )
+        if config["model"]["name"] == "linear2":  # Proposition 4.1: J-SAM shrinks both
+            shrink = 0.5 if config["optimizer"].get("second_grad") == "jacobian" else 1.0
+            values.update(
+                activation_norm=(2.0 + t) * shrink + jitter,
+                last_layer_norm=(1.0 + t) * shrink + jitter,
             )
         if config.get("sharpness", {}).get("every", 0) and epoch % 2 == 0:
             values.update(sharpness_lambda_max=50 - 20 * t + 10 * effect + jitter)
@@ -185,13 +195,76 @@ def test_label_noise_theory_compares_with_full_sam_and_with_sgd(exported: dict) 
     for variant, reference in pairs:
         by_variant.setdefault(variant, set()).add(params.at[reference, "params.optimizer.name"])
     jsam = [v for v in params.index if params.at[v, "params.optimizer.second_grad"] == "jacobian"]
-    assert len(jsam) == 12
-    for variant in jsam:  # against full SAM (same rho, model, noise) and against SGD
+    assert len(jsam) == 36  # 2 models x 3 noise rates x 3 rhos x (batch-wide, per example)
+    for variant in jsam:  # against full SAM (same rho, m, model, noise) and against SGD
         refs = [r for v, r in pairs if v == variant]
         assert sorted(params.loc[refs, "params.optimizer.name"]) == ["sam", "sgd"]
         full = [r for r in refs if params.at[r, "params.optimizer.name"] == "sam"][0]
         assert params.at[full, "params.optimizer.rho"] == params.at[variant, "params.optimizer.rho"]
-        assert pd_isna(params.at[full, "params.optimizer.m"])  # batch-wide, not the 1-SAM run
+        m = params.at[variant, "params.optimizer.m"]
+        if pd_isna(m):  # batch-wide J-SAM: against batch-wide SAM, not the 1-SAM run
+            assert pd_isna(params.at[full, "params.optimizer.m"])
+        else:  # per-example J-SAM: against 1-SAM
+            assert params.at[full, "params.optimizer.m"] == m == 1
+    assert {0.01, 0.05, 0.2} == set(params.loc[jsam, "params.optimizer.rho"])
+
+
+def test_label_noise_theory_report_draws_the_proposition_4_1_norms(exported: dict) -> None:
+    from samstudy.analysis import load_study
+    from samstudy.analysis.figures import norms_section
+
+    study = load_study("label_noise_theory", exported["root"])
+    section = norms_section(study)
+    assert section.figure is not None and section.name == "norms.png"
+    rows = [ax.get_title().split(":")[0] for ax in section.figure.axes if ax.get_visible()]
+    assert {"sgd", "sam", "sam+jacobian", "sam+jacobian+m1", "sam+logit+m1"} <= set(rows)
+    out = exported["tmp"] / "reports" / "label_noise_theory"
+    assert "norms.png" in (out / "report.md").read_text() or (out / "norms.png").exists()
+    # a study without the metrics says so in one line and draws nothing
+    quick = norms_section(load_study("quickstart", exported["root"]))
+    assert quick.figure is None and quick.text.startswith("Proposition 4.1 norms: not drawn")
+
+
+def test_asam_regions_pairs_asam_with_sam_at_its_rho(exported: dict) -> None:
+    from samstudy.analysis import load_study, reference_pairs, study_analysis
+    from samstudy.analysis.figures import ascent_section
+    from samstudy.analysis.plots import REGION_METRICS
+
+    study = load_study("asam_regions", exported["root"])
+    params = study.variants.set_index("variant")
+    pairs = reference_pairs(study.variants, study_analysis("asam_regions", STUDIES).references)
+    asam = [(v, r) for v, r in pairs if params.at[v, "params.optimizer.ascent"] == "adaptive"]
+    assert len(asam) == 6  # 3 rhos, each against SAM's ascent and against SGD
+    for variant, reference in asam:
+        if params.at[reference, "params.optimizer.name"] == "sam":
+            assert pd_isna(params.at[reference, "params.optimizer.ascent"])
+            rho = "params.optimizer.rho"
+            assert params.at[variant, rho] == params.at[reference, rho]
+    from samstudy.analysis import curves
+
+    section = ascent_section(study, curves(study, REGION_METRICS))
+    assert section.figure is not None and section.name == "regions-asam.png"
+
+
+def test_data_size_pairs_sgd_with_sam_at_each_fraction(exported: dict) -> None:
+    from samstudy.analysis import load_study, reference_pairs, study_analysis
+
+    study = load_study("data_size", exported["root"])
+    params = study.variants.set_index("variant")
+    # the 100% trials log no train_fraction (the default stays out of the config): read as 1.0
+    assert set(params["params.data.train_fraction"]) == {0.1, 0.25, 0.5, 1.0}
+    from samstudy.analysis.comparisons import DEFAULT_REFERENCES
+
+    assert study_analysis("data_size", STUDIES) is None  # no block: the default reference, sam
+    pairs = reference_pairs(study.variants, DEFAULT_REFERENCES)
+    seen = set()
+    for variant, reference in pairs:
+        assert params.at[variant, "params.optimizer.name"] == "sgd"
+        assert params.at[reference, "params.optimizer.name"] == "sam"
+        for key in ("params.data.train_fraction", "params.noise.rate"):
+            assert params.at[variant, key] == params.at[reference, key]
+        seen.add(tuple(params.loc[variant, ["params.data.train_fraction", "params.noise.rate"]]))
+    assert len(seen) == 8
 
 
 def pd_isna(value: object) -> bool:

@@ -35,6 +35,7 @@ FULL_SCALE = {
     "rho_direction",
     "label_noise_theory",
     "optuna_same",
+    "asam_regions",
 }
 
 
@@ -81,6 +82,23 @@ def test_shipped_study_loads_expands_and_states_its_size(name: str) -> None:
         cost = estimate_cost(spec)
         if cost.device == "gpu":
             assert 0.75 * cost.trial_hours <= float(hours.group(1)) <= 1.34 * cost.trial_hours
+
+
+def test_open_question_studies_run_three_seeds_and_state_their_price() -> None:
+    for name in ("asam_regions", "data_size", "label_noise_theory"):  # verdicts need seeds
+        assert len(load_study(name, studies_dir=STUDIES).seed_list) >= 3, name
+    asam = load_study("asam_regions", studies_dir=STUDIES).expand()
+    ascents = {c.config["optimizer"].get("ascent", "sam") for c in asam}
+    assert ascents == {"sam", "adaptive"}
+    spec = load_study("data_size", studies_dir=STUDIES)
+    trials = spec.expand()
+    assert f"{len(trials)} trials" in spec.description and len(trials) == 48
+    fractions = {t.config["data"].get("train_fraction", 1.0) for t in trials}
+    assert fractions == {0.1, 0.25, 0.5, 1.0}
+    # the plan prices each trial at its share of the training set, as the description states
+    stated = float(re.search(r"~([\d.]+) GPU-hours", spec.description).group(1))
+    cost = estimate_cost(spec)
+    assert 0.75 * cost.trial_hours <= stated <= 1.34 * cost.trial_hours
 
 
 def test_quickstart_is_the_promised_small_study() -> None:

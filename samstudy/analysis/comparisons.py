@@ -31,7 +31,7 @@ from samstudy.configio import ConfigError, parse_yaml, problems, read_yaml, repo
 from samstudy.configpath import closest
 from samstudy.optim.config import parse_optimizer_config
 from samstudy.optim.presets import PRESETS
-from samstudy.train.config import EPOCH_METRICS
+from samstudy.train.config import COMPACT_DEFAULTS, EPOCH_METRICS
 
 Reference = Mapping[str, Any]
 
@@ -181,11 +181,14 @@ def _knob_default(optimizer_json: str, knob: str) -> Any:
 
 
 def setting(settings: Mapping[str, Any], key: str) -> Any:
-    """The value of one dotted setting of a variant: as logged, else the optimizer knob's default
-    where the knob applies to the variant, else MISSING."""
+    """The value of one dotted setting of a variant: as logged, else its default where the
+    trial config leaves it out at its default (``COMPACT_DEFAULTS``) or the optimizer knob
+    applies to the variant, else MISSING."""
     value = settings.get(key)
     if value is not None:
         return _plain(value)
+    if key in COMPACT_DEFAULTS:  # left out of the logged config at its default
+        return COMPACT_DEFAULTS[key]
     knob = key[len(OPTIMIZER_PREFIX) :] if key.startswith(OPTIMIZER_PREFIX) else ""
     if not knob or "." in knob:
         return MISSING

@@ -73,7 +73,9 @@ class ExportResult:
 
 def select_trials(runs: Sequence[RunRecord]) -> list[RunRecord]:
     """The study's trial runs: tagged ``samstudy.role=trial``; untagged runs count too, unless
-    they are some run's parent (so experiments logged by other tools still export)."""
+    they are some run's parent (so experiments logged by other tools still export). The parent
+    run and the per-variant summary runs (``samstudy.role=variant``, ``samstudy summarize``)
+    carry another role and are left out: they are not trials."""
     parents = {r.tags.get(tags.PARENT) for r in runs}
     chosen = []
     for run in runs:

@@ -5,7 +5,9 @@ with 95% seed bands:
 * region shares (ckpt1..4) against rho at each stage (Project 2: "a higher perturbation radius
   increases ratio < 0");
 * ||g_p|| / ||g|| per variant, early against late (God sign 2);
-* region shares over epochs side by side for the SAM and the ASAM ascent (God sign 3).
+* region shares over epochs side by side for the SAM and the ASAM ascent (God sign 3);
+* the Proposition 4.1 norms over epochs (activations and last-layer weights), one row per
+  optimizer (SGD, SAM, J-SAM, logit-SAM, ...).
 
 Each builder returns a :class:`Section`: a figure, or the one line that says why a study has
 no data for it (a figure is never drawn empty).
@@ -24,14 +26,17 @@ from matplotlib.figure import Figure
 from samstudy.analysis import aggregate, comparisons
 from samstudy.analysis.load import Study, plain
 from samstudy.analysis.plots import (
+    NORM_METRICS,
     REGION_SHARES,
     SHARPNESS_METRICS,
     curves_figure,
     early_late_figure,
+    family_curves_figure,
     side_by_side_figure,
     stage_param_figure,
 )
 from samstudy.analysis.schema import PARAM_PREFIX
+from samstudy.optim.config import optimizer_label
 from samstudy.optim.presets import fmt
 
 RHO = "optimizer.rho"
@@ -233,6 +238,48 @@ def ascent_section(study: Study, curves: pd.DataFrame) -> Section:
     )
 
 
+def optimizer_families(study: Study, variants: Sequence[str]) -> dict[str, list[str]]:
+    """``variants`` grouped by their optimizer label (``sgd``, ``sam``, ``sam+jacobian+m1``)."""
+    settings = settings_of(study)
+    out: dict[str, list[str]] = {}
+    for variant in sorted(variants):
+        optimizer = {
+            k[len("optimizer.") :]: v
+            for k, v in settings.get(variant, {}).items()
+            if k.startswith("optimizer.")
+        }
+        out.setdefault(optimizer_label(optimizer), []).append(variant)
+    return dict(sorted(out.items()))
+
+
+def norms_section(study: Study, level: float = 0.95) -> Section:
+    """Proposition 4.1: activation and last-layer weight norms over epochs, per optimizer."""
+    title = "Proposition 4.1: activation and last-layer norms"
+    metrics = _logged(study, NORM_METRICS)
+    if not metrics:
+        return Section(
+            title,
+            "",
+            None,
+            "",
+            "Proposition 4.1 norms: not drawn, no run logged `activation_norm` or "
+            "`last_layer_norm` (the trainer logs them for models that declare a classifier).",
+        )
+    curves = aggregate.curves(study, metrics, level=level)
+    families = optimizer_families(study, curves["variant"].unique())
+    fig = family_curves_figure(curves, metrics, families, "Activation and last-layer norms")
+    return Section(
+        title,
+        "norms.png",
+        fig,
+        "Mean L2 norm of the features on a fixed training batch and L2 norm of the last "
+        "layer's weights over epochs, one row per optimizer (95% seed bands)",
+        "Proposition 4.1 of the lab notes: on a 2-layer linear network J-SAM acts as SGD "
+        "with an L2 penalty on the intermediate activations and the last layer's weights, so "
+        "both norms should stay below SGD's and full SAM's.",
+    )
+
+
 def lab_notes_sections(
     study: Study, curves: pd.DataFrame, stages: Mapping[str, tuple[float, float]], level: float
 ) -> list[Section]:
@@ -243,4 +290,5 @@ def lab_notes_sections(
         region_rho_section(study, stages, level),
         grad_ratio_section(study, stages, level),
         ascent_section(study, curves),
+        norms_section(study, level),
     ]

@@ -35,6 +35,7 @@ from samstudy.analysis.params import (
 from samstudy.analysis.schema import DEFAULT_ROOT, PARAM_PREFIX, TAG_PREFIX, read_partition
 from samstudy.identity import PLACEMENT_PATHS, SEED_PATH
 from samstudy.optim.presets import fmt
+from samstudy.train.config import COMPACT_DEFAULTS
 
 SEED_PARAMS: tuple[str, ...] = (SEED_PATH,)
 # Params that say where or how fast a trial ran, not what it computed: not shown as a variant's.
@@ -128,6 +129,9 @@ def load_runs(
         runs[col] = arrow_to_pandas(table.column(col), runs.index)
     runs = runs[table.column_names]
     runs["study"] = runs["study"].astype(str)
+    for path, default in COMPACT_DEFAULTS.items():  # the config dump leaves these out at default
+        if PARAM_PREFIX + path in runs:
+            runs[PARAM_PREFIX + path] = runs[PARAM_PREFIX + path].fillna(default)
     return assign_variants(runs, seed_params, ignored_params)
 
 

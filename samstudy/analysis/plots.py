@@ -28,6 +28,7 @@ REGION_METRICS: tuple[str, ...] = (
 )
 REGION_SHARES: tuple[str, ...] = REGION_METRICS[:4]
 SHARPNESS_METRICS: tuple[str, ...] = ("sharpness_lambda_max", "sharpness_trace")
+NORM_METRICS: tuple[str, ...] = ("activation_norm", "last_layer_norm")
 TITLES = {
     "test_loss": "test loss",
     "train_loss": "train loss (given labels)",
@@ -44,6 +45,9 @@ TITLES = {
     "region_ckpt4": "share in ckpt4 (-1 < r <= 0)",
     "region_zero": "share with g = 0",
     "grad_ratio": "||g_p|| / ||g||",
+    "activation_norm": "mean ||features(x)|| (fixed batch)",
+    "last_layer_norm": "||last layer's weights||",
+    "weight_norm": "||all weights||",
 }
 
 
@@ -239,6 +243,34 @@ def side_by_side_figure(
         fig.suptitle(title)
     rows = math.ceil(len(handles) / 3)
     fig.tight_layout(rect=(0, min(0.5, 0.03 * rows + 0.03), 1, 0.95 if title else 1))
+    return fig
+
+
+def family_curves_figure(
+    curves: pd.DataFrame, metrics: Sequence[str], families: dict[str, list[str]], title: str = ""
+) -> Figure | None:
+    """One row per family of variants, one column per metric (the column shares its y scale,
+    so families compare by row); one line per variant with its 95% band."""
+    present = [m for m in metrics if m in set(curves["metric"])]
+    if not present or not families:
+        return None
+    fig = Figure(figsize=(5.0 * len(present), 2.7 * len(families) + 0.8))
+    axes = fig.subplots(len(families), len(present), squeeze=False, sharey="col")
+    for row, (family, members) in enumerate(families.items()):
+        colors = dict(zip(sorted(members), _colors(len(members)), strict=True))
+        for col, metric in enumerate(present):
+            ax = axes[row, col]
+            data = curves[(curves["metric"] == metric) & curves["variant"].isin(members)]
+            for variant, group in data.groupby("variant", sort=True, observed=True):
+                group = group.sort_values("step")
+                _band(ax, group["step"].to_numpy(float), group, colors[variant], variant, False)
+            ax.set_title(f"{family}: {TITLES.get(metric, metric)}", fontsize=9)
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+        axes[row, -1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.8 if len(present) == 1 else 0.86, 0.97 if title else 1))
     return fig
 
 

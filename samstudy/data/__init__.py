@@ -17,6 +17,7 @@ from .noise import (
     symmetric_noise,
 )
 from .sources import CIFAR_STATS, TORCHVISION_CLASSES, DataNotFoundError
+from .subset import stratified_subset
 
 __all__ = [
     "CIFAR10_ASYM_MAP",
@@ -38,5 +39,6 @@ __all__ = [
     "epoch_plan",
     "load_human_labels",
     "resolve_device",
+    "stratified_subset",
     "symmetric_noise",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +14,7 @@ from samstudy.paths import absolute_path
 from .loaders import DeviceLoader, SequentialLoader, TorchvisionLoader
 from .noise import NOISE_KINDS, apply_noise
 from .sources import RawData, load_cifar, load_digits, load_gaussian
+from .subset import stratified_subset
 
 DATASETS = ("digits", "cifar10", "cifar100", "gaussian")
 # Share of the device's free memory the data may take before it stays on the CPU.
@@ -152,6 +153,7 @@ def build_data(
     download: bool = False,
     test_size: float = 0.2,
     split_seed: int = 0,
+    train_fraction: float = 1.0,
     synthetic: Mapping[str, Any] | None = None,
     noise_kind: str = "none",
     noise_rate: float = 0.0,
@@ -167,6 +169,8 @@ def build_data(
     the noise fields). Relative ``root`` and ``label_file`` are taken from the project root
     (``samstudy.paths``). The data moves to ``device`` when it takes at most ``device_fraction`` of
     the device's free memory; otherwise it stays on the CPU and the torchvision loader serves it.
+    ``train_fraction`` < 1 keeps a stratified share of the training set (drawn from
+    ``split_seed``) before the noise is drawn on it; the test set stays whole.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; allowed: {', '.join(DATASETS)}")
@@ -179,6 +183,9 @@ def build_data(
         raw = load_gaussian(synthetic, split_seed)
     else:
         raw = load_cifar(name, root, download)
+    keep = stratified_subset(raw.train_y, train_fraction, split_seed)
+    if noise_kind != "human":  # noise is drawn on the subset: its rate is the subset's
+        raw = replace(raw, train_x=raw.train_x[keep], train_y=raw.train_y[keep])
     noisy_y = apply_noise(
         raw.train_y,
         dataset=name,
@@ -189,6 +196,9 @@ def build_data(
         label_file=absolute_path(label_file) if label_file else None,
         label_key=label_key,
     )
+    if noise_kind == "human":  # CIFAR-N labels name every sample of the full set: then subset
+        raw = replace(raw, train_x=raw.train_x[keep], train_y=raw.train_y[keep])
+        noisy_y = noisy_y[keep]
     target = resolve_device(device)
     tensors = [raw.train_x, noisy_y, raw.train_y, noisy_y != raw.train_y, raw.test_x, raw.test_y]
     nbytes = sum(t.numel() * t.element_size() for t in tensors)

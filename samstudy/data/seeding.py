@@ -8,6 +8,7 @@ import numpy as np
 TAG_SYMMETRIC = 1
 TAG_ASYMMETRIC = 2
 TAG_LOADER = 3
+TAG_SUBSET = 4
 
 
 def derive_seed(*parts: int) -> int:

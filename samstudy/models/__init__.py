@@ -5,7 +5,15 @@
 """
 
 from . import resnet, small, wrn  # noqa: F401  (importing registers the builders)
-from .registry import available_models, create_model, model_kwargs, register_model
+from .registry import (
+    available_models,
+    classifier_path,
+    create_model,
+    layer_groups,
+    model_kwargs,
+    register_model,
+    submodule,
+)
 from .resnet import ResNet
 from .small import MLP, DeepLinear2, LinearModel, SmallCNN
 from .wrn import WideResNet, wide_resnet
@@ -18,8 +26,11 @@ __all__ = [
     "SmallCNN",
     "WideResNet",
     "available_models",
+    "classifier_path",
     "create_model",
+    "layer_groups",
     "model_kwargs",
     "register_model",
+    "submodule",
     "wide_resnet",
 ]

@@ -98,19 +98,19 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(out), 1))
 
 
-@register_model("resnet18")
+@register_model("resnet18", classifier="fc")
 def resnet18(num_classes: int, in_shape: tuple[int, ...]) -> ResNet:
     """CIFAR ResNet-18 (11.17M parameters for 10 classes)."""
     return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, image_channels("resnet18", in_shape))
 
 
-@register_model("resnet34")
+@register_model("resnet34", classifier="fc")
 def resnet34(num_classes: int, in_shape: tuple[int, ...]) -> ResNet:
     """CIFAR ResNet-34 (21.28M parameters for 10 classes)."""
     return ResNet(BasicBlock, (3, 4, 6, 3), num_classes, image_channels("resnet34", in_shape))
 
 
-@register_model("resnet50")
+@register_model("resnet50", classifier="fc")
 def resnet50(num_classes: int, in_shape: tuple[int, ...]) -> ResNet:
     """CIFAR ResNet-50 with bottleneck blocks (23.52M parameters for 10 classes)."""
     return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, image_channels("resnet50", in_shape))

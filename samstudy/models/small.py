@@ -121,7 +121,7 @@ def _maybe_init(module: nn.Module, init_scale: float | None) -> None:
             p.normal_(0.0, init_scale)
 
 
-@register_model("cnn")
+@register_model("cnn", classifier="classifier.3")
 def cnn(
     num_classes: int,
     in_shape: tuple[int, ...],
@@ -135,7 +135,7 @@ def cnn(
     return SmallCNN(num_classes, in_shape, (int(channels[0]), int(channels[1])), hidden)  # type: ignore[arg-type]
 
 
-@register_model("mlp")
+@register_model("mlp", classifier="net.-1")
 def mlp(num_classes: int, in_shape: tuple[int, ...], width: int = 512, depth: int = 2) -> MLP:
     """MLP in -> width (x depth) -> classes, ReLU, with biases."""
     return MLP(num_classes, math.prod(in_shape), width, depth)
@@ -152,7 +152,7 @@ def linear(
     return LinearModel(num_classes, math.prod(in_shape), binary_logit, init_scale)
 
 
-@register_model("linear2")
+@register_model("linear2", classifier="v")
 def linear2(
     num_classes: int,
     in_shape: tuple[int, ...],

@@ -95,7 +95,7 @@ def wide_resnet(
     return WideResNet(depth, width, num_classes, in_channels, dropout)
 
 
-@register_model("wide_resnet")
+@register_model("wide_resnet", classifier="fc")
 def _wide_resnet(
     num_classes: int,
     in_shape: tuple[int, ...],
@@ -107,19 +107,19 @@ def _wide_resnet(
     return wide_resnet(depth, width, num_classes, image_channels("wide_resnet", in_shape), dropout)
 
 
-@register_model("wrn28_10")
+@register_model("wrn28_10", classifier="fc")
 def wrn28_10(num_classes: int, in_shape: tuple[int, ...], dropout: float = 0.0) -> WideResNet:
     """WRN-28-10 (36.5M parameters), the SAM paper's CIFAR model."""
     return wide_resnet(28, 10, num_classes, image_channels("wrn28_10", in_shape), dropout)
 
 
-@register_model("wrn16_8")
+@register_model("wrn16_8", classifier="fc")
 def wrn16_8(num_classes: int, in_shape: tuple[int, ...], dropout: float = 0.0) -> WideResNet:
     """WRN-16-8 (11.0M parameters), the popular SAM port's README model."""
     return wide_resnet(16, 8, num_classes, image_channels("wrn16_8", in_shape), dropout)
 
 
-@register_model("wrn40_2")
+@register_model("wrn40_2", classifier="fc")
 def wrn40_2(num_classes: int, in_shape: tuple[int, ...], dropout: float = 0.0) -> WideResNet:
     """WRN-40-2 (2.2M parameters), used in SANER's experiments."""
     return wide_resnet(40, 2, num_classes, image_channels("wrn40_2", in_shape), dropout)

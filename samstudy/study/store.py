@@ -195,12 +195,20 @@ class MlflowStore:
                 self.experiment_id = client.create_experiment(
                     self.study.experiment,
                     artifact_location=_artifact_location(self.tracking_uri, self.study.experiment),
-                    tags={tags.STUDY: self.study.name},
+                    # a model-training experiment: MLflow 3's UI opens it on the runs table
+                    tags={
+                        tags.STUDY: self.study.name,
+                        tags.EXPERIMENT_KIND: tags.KIND_MODEL_TRAINING,
+                    },
                 )
             else:
                 if experiment.lifecycle_stage == "deleted":
                     client.restore_experiment(experiment.experiment_id)
                 self.experiment_id = experiment.experiment_id
+                if tags.EXPERIMENT_KIND not in experiment.tags:  # a study from before the tag
+                    client.set_experiment_tag(
+                        self.experiment_id, tags.EXPERIMENT_KIND, tags.KIND_MODEL_TRAINING
+                    )
         return self.experiment_id
 
     def _study_filter(self, role: str) -> str:

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from samstudy.optim.config import OptimizerConfig, with_recipe
 
@@ -39,7 +47,16 @@ EPOCH_METRICS: tuple[str, ...] = (
     "grad_ratio",
     "sharpness_lambda_max",
     "sharpness_trace",
+    # Proposition 4.1 (samstudy.train.norms); per layer group also weight_norm.<group>
+    "weight_norm",
+    "last_layer_norm",
+    "activation_norm",
 )
+
+
+# Fields the config dump leaves out while they hold their default (dotted path -> default): they
+# came after the first studies ran. Readers of logged params take a missing one at this value.
+COMPACT_DEFAULTS: dict[str, Any] = {"data.train_fraction": 1.0}
 
 
 class _Strict(BaseModel):
@@ -68,7 +85,24 @@ class DataConfig(_Strict):
     num_workers: int = Field(0, ge=0, description="torchvision loader workers")
     test_size: float = Field(0.2, gt=0.0, lt=1.0, description="digits: stratified test share")
     split_seed: int = 0
+    train_fraction: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="stratified share of the training set kept (drawn from split_seed, "
+        "before label noise); the test set stays whole",
+    )
     synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: Any) -> dict[str, Any]:
+        # The dump is what trial ids hash: at its default the field is left out, so the ids of
+        # trials from before it existed (and their MLflow runs) stay the same.
+        data = handler(self)
+        for key, default in COMPACT_DEFAULTS.items():
+            if key.startswith("data.") and data.get(key[5:]) == default:
+                data.pop(key[5:])
+        return data
 
 
 class NoiseConfig(_Strict):

@@ -29,6 +29,7 @@ from samstudy.train.checkpoint import (
 )
 from samstudy.train.config import TrialConfig, load_trial_config
 from samstudy.train.metrics import NUM_SUMS, batch_sums, classification_loss, predictions, summarize
+from samstudy.train.norms import NORM_BATCH_SIZE, NormProbe
 from samstudy.train.schedule import build_scheduler
 from samstudy.train.sharpness import measure_sharpness
 
@@ -129,6 +130,18 @@ def _sharpness_batch(data: Any, cfg: TrialConfig, device: torch.device) -> tuple
     return x.to(device), y.to(device)
 
 
+def _norm_batch(data: Any, device: torch.device) -> torch.Tensor:
+    """The inputs of the activation norms: the same training samples every epoch and in every
+    trial of a data set (a fixed permutation's first ``NORM_BATCH_SIZE``), no augmentation.
+
+    Indexed from the bundle with a private generator: no loader, so no global random state is
+    drawn and the trajectory does not change.
+    """
+    n = data.num_train
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:NORM_BATCH_SIZE]
+    return data.train_x[order.to(data.train_x.device)].to(device)
+
+
 def _config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Dotted paths where two config dumps differ (``RESUME_MAY_DIFFER`` ignored)."""
 
@@ -175,6 +188,7 @@ def run_trial(
         download=cfg.data.download,
         test_size=cfg.data.test_size,
         split_seed=cfg.data.split_seed,
+        train_fraction=cfg.data.train_fraction,
         synthetic=cfg.data.synthetic.model_dump(),
         noise_kind=cfg.noise.kind,
         noise_rate=cfg.noise.rate,
@@ -206,6 +220,7 @@ def run_trial(
         optimizer, cfg.schedule, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs
     )
     sharp_batch = _sharpness_batch(data, cfg, device) if cfg.sharpness.every else None
+    norms = NormProbe(model, cfg.model.name, _norm_batch(data, device), channels_last=channels_last)
 
     # ---- resume: weights, optimizer and scheduler state, RNG streams, history --------------
     history: list[dict[str, Any]] = []
@@ -241,9 +256,12 @@ def run_trial(
             channels_last=channels_last,
             max_steps=steps_per_epoch,
         )
-        host_sums = sums.tolist()  # the epoch's one read of the training sums
+        # the epoch's one read of the training sums, the weight and the activation norms
+        host = torch.cat([sums, norms.measure()]).tolist()
+        host_sums = host[:NUM_SUMS]
         train_time = time.perf_counter() - epoch_start
         train = summarize(host_sums)
+        train |= dict(zip(norms.names, host[NUM_SUMS:], strict=True))
         stats = optimizer.read_stats(reset=True)
 
         test_loss, test_acc = evaluate(model, test_loader, bf16=bf16, channels_last=channels_last)
