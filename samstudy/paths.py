@@ -13,10 +13,36 @@ Only the standard library is imported here: every package (``samstudy.train`` in
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from urllib.parse import unquote
 
 SQLITE_PREFIX = "sqlite:///"
 SPOOL_FILE = "samstudy_mlflow_spool.json"  # MLflow operations a study could not send yet
+REDACTED = "***"
+# Secrets samstudy may meet in the environment (read there, never from study files). Any other
+# variable whose name ends like one of _SECRET_SUFFIXES counts too.
+SECRET_ENV_VARS = (
+    "PGPASSWORD",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "RAY_AUTH_TOKEN",
+)
+_SECRET_SUFFIXES = re.compile(
+    r"(PASSWORD|PASSWD|SECRET|TOKEN|SECRET_KEY|ACCESS_KEY|API_KEY)$", re.I
+)
+# scheme://user:PASSWORD@host: a password in a URI must be percent-encoded, so it holds no "@",
+# "/" or blank; user names hold no ":" either.
+_URI_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]*:)([^\s@/]+)@")
+# password=... in a query string or a libpq DSN (psycopg2 errors may quote one)
+_KEY_VALUE = re.compile(
+    r"(?i)\b(password|passwd|pwd|secret|token|aws_secret_access_key|secret_access_key)"
+    r"(\s*=\s*)('[^']*'|[^&\s'\";,)]+)"
+)
+_seen_secrets: set[str] = set()  # passwords met in URIs: also hidden where they appear alone
 
 
 def project_root() -> Path:
@@ -83,3 +109,42 @@ def spool_path(experiment: str, name: str, root: Path) -> Path:
     if is_uri(experiment):
         return root / "results" / "ray" / f"{name}.{SPOOL_FILE}"
     return Path(experiment) / SPOOL_FILE
+
+
+def _env_secrets() -> list[str]:
+    found = []
+    for name, value in os.environ.items():
+        if name in SECRET_ENV_VARS:
+            shortest = 3
+        elif _SECRET_SUFFIXES.search(name):
+            shortest = 8  # an unlisted variable: only values that cannot be common words
+        else:
+            continue
+        if len(value) >= shortest:
+            found.append(value)
+    return found
+
+
+def redact(text: object) -> str:
+    """``text`` (a URI, a message, an exception) with every secret replaced by ``***``.
+
+    Hidden: the password of any ``scheme://user:PASSWORD@host`` URI (``postgresql://``,
+    ``mysql://``, ``http://``...), ``password=`` / ``token=`` values in query strings and DSNs,
+    the values of secret environment variables (``SECRET_ENV_VARS``, and any variable named
+    ``*_PASSWORD``, ``*_SECRET``, ``*_TOKEN``, ``*_SECRET_KEY``, ``*_ACCESS_KEY``), and a
+    password met in an earlier URI wherever it appears again, percent-decoded or not.
+    Call it on everything printed, logged or raised that may hold a tracking or storage URI.
+    """
+    out = str(text)
+
+    def hide_uri_password(match: re.Match[str]) -> str:
+        _seen_secrets.update({match[2], unquote(match[2])} - {"", REDACTED})
+        return f"{match[1]}{REDACTED}@"
+
+    out = _URI_PASSWORD.sub(hide_uri_password, out)
+    out = _KEY_VALUE.sub(lambda m: f"{m[1]}{m[2]}{REDACTED}", out)
+    # longest first: a secret that contains another is hidden whole
+    for secret in sorted({*_seen_secrets, *_env_secrets()}, key=len, reverse=True):
+        if len(secret) >= 3:
+            out = out.replace(secret, REDACTED)
+    return out

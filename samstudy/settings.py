@@ -6,6 +6,13 @@
   ``$MLFLOW_TRACKING_URI``, then ``sqlite:///<project root>/mlflow.db``; a relative sqlite path
   is taken from the project root (``samstudy.paths``), and the MLflow file store is refused;
 * experiment: the command line, then the study file's ``tracking.experiment``, then the study name.
+* spool cap (:func:`spool_max_mb`): the study file's ``tracking.spool_max_mb``, then
+  ``$SAMSTUDY_SPOOL_MAX_MB``, then :data:`DEFAULT_SPOOL_MAX_MB`.
+
+Secrets (a database password) come from the environment (``PGPASSWORD``, ``~/.pgpass``,
+``MLFLOW_TRACKING_URI``) or the command line, never from a study file, which is committed:
+a ``tracking_uri`` with a password there is refused. Every message shows URIs through
+:func:`samstudy.paths.redact`.
 
 :func:`study_settings` reads just what the export and the report need from a study file (its
 ``description`` and ``tracking:`` block), with the config loader, so they need neither the rest
@@ -14,13 +21,17 @@ of the study nor the study package.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from samstudy import paths
 from samstudy.configio import ConfigError, problems, read_yaml, report
+
+DEFAULT_SPOOL_MAX_MB = 200.0  # the MLflow outbox's spool file (samstudy.study.outbox)
+SPOOL_MAX_ENV = "SAMSTUDY_SPOOL_MAX_MB"
 
 
 class TrackingError(ValueError):
@@ -36,13 +47,51 @@ class Tracking(BaseModel):
     tracking_uri: str | None = Field(
         None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db"
     )
+    spool_max_mb: float | None = Field(
+        None,
+        gt=0,
+        description=f"cap of the MLflow spool file in MB; default: ${SPOOL_MAX_ENV}, else "
+        f"{DEFAULT_SPOOL_MAX_MB:g}",
+    )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_password(cls, uri: str | None) -> str | None:
+        # A study file is committed and shared: a password there would be published.
+        if uri is not None and paths.redact(uri) != uri:
+            raise ValueError(
+                f"{paths.redact(uri)!r} holds a password; a study file is no place for secrets: "
+                "leave it out of the URI and set PGPASSWORD (or ~/.pgpass) in the environment, "
+                "or pass the URI with --tracking-uri / MLFLOW_TRACKING_URI"
+            )
+        return uri
+
+
+def spool_max_mb(tracking: Tracking | None = None) -> float:
+    """The cap of a study's MLflow spool file in MB: ``tracking.spool_max_mb``, else
+    ``$SAMSTUDY_SPOOL_MAX_MB``, else :data:`DEFAULT_SPOOL_MAX_MB`."""
+    if tracking is not None and tracking.spool_max_mb is not None:
+        return float(tracking.spool_max_mb)
+    text = os.environ.get(SPOOL_MAX_ENV, "").strip()
+    if not text:
+        return DEFAULT_SPOOL_MAX_MB
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise TrackingError(
+            f"{SPOOL_MAX_ENV}={text!r}: the spool cap must be a positive number of MB "
+            f"(default {DEFAULT_SPOOL_MAX_MB:g})"
+        )
+    return value
 
 
 def check_tracking_uri(uri: str, root: Path | None = None) -> str:
     """Refuse the file store (MLflow 3 deprecates it and raises) and absolutize sqlite paths."""
     if uri.startswith("file:") or "://" not in uri:
         raise TrackingError(
-            f"tracking URI {uri!r} is the MLflow file store, which MLflow 3 refuses; use "
+            f"tracking URI {paths.redact(uri)!r} is the MLflow file store, which MLflow 3 refuses; use "
             f"{paths.default_tracking_uri(root)!r} (the default) or an MLflow server "
             "(http://HOST:PORT)"
         )

@@ -186,7 +186,7 @@ def test_plan_reads_exponents_and_set(tmp_path: Path) -> None:
 
 
 BAD_TRACKING = "tracking: {experimnet: x}\n"
-TRACKING_MESSAGE = "tracking.experimnet: unknown key 'experimnet' (did you mean 'experiment'?); allowed: experiment, tracking_uri"
+TRACKING_MESSAGE = "tracking.experimnet: unknown key 'experimnet' (did you mean 'experiment'?); allowed: experiment, spool_max_mb, tracking_uri"
 COMMANDS = ["train", "plan", "study", "export", "report"]
 
 

@@ -79,6 +79,7 @@ def export_main(argv: list[str] | None = None) -> int:
     from samstudy.analysis.export import export_study
     from samstudy.analysis.readers import StudyNotFoundError
     from samstudy.configio import ConfigError
+    from samstudy.paths import redact
     from samstudy.settings import TrackingError
 
     try:
@@ -86,7 +87,7 @@ def export_main(argv: list[str] | None = None) -> int:
             args.name, args.tracking_uri, args.experiment, args.studies_dir
         )
     except (ConfigError, TrackingError) as error:
-        print(f"samstudy export: {error}", file=sys.stderr)
+        print(f"samstudy export: {redact(error)}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     from samstudy.settings import pending_spool
 
@@ -108,10 +109,29 @@ def export_main(argv: list[str] | None = None) -> int:
             experiment=experiment,
         )
     except (StudyNotFoundError, ValueError) as error:
-        print(f"samstudy export: {error}", file=sys.stderr)
+        print(f"samstudy export: {redact(error)}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        # A store that does not answer or refuses the login (SQLAlchemy's and MLflow's errors,
+        # a dropped connection): one line, the URI and the message redacted, no traceback.
+        if not _is_store_error(error):
+            raise
+        print(
+            f"samstudy export: cannot read {redact(tracking_uri)}: "
+            f"{type(error).__name__}: {redact(error)}",
+            file=sys.stderr,
+        )
         return 1
     print(result.summary())
     return 0
+
+
+def _is_store_error(error: Exception) -> bool:
+    """An error of the tracking store (database, server, network), not a bug of samstudy."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return isinstance(error, SQLAlchemyError | MlflowException | ConnectionError | TimeoutError)
 
 
 def _reference(text: str) -> object:

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from samstudy import paths
+from samstudy.paths import redact
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def read_sql_store(db_uri: str, study: str, rowid_keys: bool | None = None) -> R
         database = url.database or ""
         # sqlite would silently create an empty database at a mistyped path
         if database in {"", ":memory:"} or not Path(database).exists():
-            raise StudyNotFoundError(f"no MLflow database at {_redact(db_uri)!r}")
+            raise StudyNotFoundError(f"no MLflow database at {redact(db_uri)!r}")
         options: dict[str, Any] = {}
     else:
         # One snapshot for all queries (MVCC: writers are not blocked). sqlite gets none: its
@@ -124,7 +125,7 @@ def read_sql_store(db_uri: str, study: str, rowid_keys: bool | None = None) -> R
             if len(experiments) > 1:
                 raise StudyNotFoundError(
                     f"{len(experiments)} active experiments are named {study!r} in "
-                    f"{_redact(db_uri)} (several MLflow workspaces?): cannot tell which is the "
+                    f"{redact(db_uri)} (several MLflow workspaces?): cannot tell which is the "
                     "study"
                 )
             # An integer read from the database: safe to inline, which the raw cursor below needs.
@@ -158,7 +159,10 @@ def read_sql_store(db_uri: str, study: str, rowid_keys: bool | None = None) -> R
             )
             # Through the DBAPI cursor of the same connection (and transaction): SQLAlchemy's
             # Row objects cost as much as the read itself at millions of rows.
-            cursor = conn.connection.dbapi_connection.cursor()
+            dbapi = conn.connection.dbapi_connection
+            # PostgreSQL: a server-side cursor, or the driver holds every row in memory at once.
+            postgres = url.get_backend_name() == "postgresql"
+            cursor = dbapi.cursor(name="samstudy_export") if postgres else dbapi.cursor()
             chunks = []
             # Millions of short-lived tuples (no cycles) set the cyclic GC off over and over.
             gc_was_enabled = gc.isenabled()
@@ -198,7 +202,7 @@ def read_sql_store(db_uri: str, study: str, rowid_keys: bool | None = None) -> R
         table = table.set_column(0, "run_id", run_id)
     else:
         table = pa.concat_tables(chunks)
-    return RawStudy(study, list(runs.values()), table, source=_redact(db_uri))
+    return RawStudy(study, list(runs.values()), table, source=redact(db_uri))
 
 
 def _metric_chunk(rows: Sequence[Sequence[Any]], integer_keys: bool) -> pa.Table:
@@ -221,22 +225,10 @@ def _metric_chunk(rows: Sequence[Sequence[Any]], integer_keys: bool) -> pa.Table
 def _not_found(study: str, where: str, names: Sequence[str]) -> StudyNotFoundError:
     shown = ", ".join(sorted(names)[:20]) or "none"
     return StudyNotFoundError(
-        f"no active MLflow experiment named {study!r} in {_redact(where)} "
+        f"no active MLflow experiment named {study!r} in {redact(where)} "
         f"(experiments there: {shown}); run `make study NAME={study}` first, "
         "or point MLFLOW_TRACKING_URI / --tracking-uri at the right store"
     )
-
-
-def _redact(uri: str) -> str:
-    """Drop a password from a URI before it is printed or stored."""
-    try:
-        import sqlalchemy as sa
-
-        if is_sql_uri(uri):
-            return sa.engine.make_url(uri).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - printing must never fail
-        pass
-    return uri
 
 
 def _search_all_runs(client: Any, experiment_id: str) -> list[Any]:
@@ -337,11 +329,11 @@ def read_tracking_server(uri: str, study: str, workers: int = 4) -> RawStudy:
             [float(r["value"]) for r in rows],
             [int(r.get("timestamp", 0)) for r in rows],
         )
-        source = f"{uri} (bulk history)"
+        source = f"{redact(uri)} (bulk history)"
     except _NoBulkEndpointError:
-        log.warning("%s has no bulk history endpoint: one call per run and metric", uri)
+        log.warning("%s has no bulk history endpoint: one call per run and metric", redact(uri))
         table = _history_loop(client, runs_by_key)
-        source = f"{uri} (history loop)"
+        source = f"{redact(uri)} (history loop)"
     return RawStudy(study, records, table, source=source)
 
 
@@ -378,7 +370,8 @@ def read_with_client(uri: str, study: str) -> RawStudy:
         for key in run.data.metrics:
             runs_by_key.setdefault(key, []).append(run.info.run_id)
     table = _history_loop(client, runs_by_key)
-    return RawStudy(study, _records_from_search(found), table, source=f"{uri} (history loop)")
+    source = f"{redact(uri)} (history loop)"
+    return RawStudy(study, _records_from_search(found), table, source=source)
 
 
 def read_study(

@@ -4,7 +4,8 @@
 per-epoch metrics with step = epoch), exactly as the study tracker does, variant tags included
 (``variant_tags=False`` logs a run as versions before those tags did). ``bulk_insert_study``
 writes the same rows straight into a sqlite store's tables, which makes a 4-million-value store
-in seconds for the export benchmark.
+in seconds for the export benchmark; ``copy_study_to_postgres`` copies such a study into an
+MLflow PostgreSQL store with ``COPY`` (the benchmark's PostgreSQL row).
 """
 
 from __future__ import annotations
@@ -220,3 +221,42 @@ def bulk_insert_study(
     finally:
         conn.close()
     return run_ids
+
+
+def copy_study_to_postgres(db_path: str, pg_uri: str, study: str) -> int:
+    """Copy study ``study`` of a sqlite MLflow store into the MLflow PostgreSQL store at
+    ``pg_uri`` (same MLflow version, so the same tables): its experiment is made with the
+    client, its runs, tags, params, metrics and latest metrics copied with ``COPY``.
+    Returns the number of metric rows copied."""
+    import psycopg
+    from mlflow import MlflowClient
+
+    pg_exp = MlflowClient(tracking_uri=pg_uri).create_experiment(study)
+    src = sqlite3.connect(db_path)
+    try:
+        (exp_id,) = src.execute(
+            "SELECT experiment_id FROM experiments WHERE name = ?", (study,)
+        ).fetchone()
+        in_exp = "run_uuid IN (SELECT run_uuid FROM runs WHERE experiment_id = ?)"
+        queries = {
+            "runs": "SELECT * FROM runs WHERE experiment_id = ?",
+            "tags": f"SELECT * FROM tags WHERE {in_exp}",
+            "params": f"SELECT * FROM params WHERE {in_exp}",
+            "latest_metrics": f"SELECT * FROM latest_metrics WHERE {in_exp}",
+            "metrics": f"SELECT * FROM metrics WHERE {in_exp}",
+        }
+        copied = 0
+        with psycopg.connect(pg_uri) as dst, dst.cursor() as cursor:
+            for table, query in queries.items():
+                rows = src.execute(query, (exp_id,))
+                cols = [d[0] for d in rows.description]
+                at = cols.index("experiment_id") if table == "runs" else -1
+                with cursor.copy(f"COPY {table} ({', '.join(cols)}) FROM STDIN") as copy:
+                    for row in rows:
+                        if at >= 0:
+                            row = (*row[:at], int(pg_exp), *row[at + 1 :])
+                        copy.write_row(row)
+                        copied += table == "metrics"
+    finally:
+        src.close()
+    return copied

@@ -6,6 +6,16 @@ idempotent, see ``samstudy.study.store``) and drains the queue when the store re
 that retrying cannot fix drops only the refused operation (recorded in ``dropped``). Whatever is
 still queued when the study ends is written to a spool file and replayed on the next run.
 
+The spool file has a cap (``spool_max_mb``; ``samstudy.settings.spool_max_mb``: 200 MB unless
+set). Over it, every study, status and tag operation is still kept (they are small, and a run
+without its status would be wrong), and per-epoch metrics are kept oldest first up to the cap;
+once one epoch of a trial does not fit, none of that trial's later epochs is kept (MLflow then
+holds a gap-free prefix of each trial, which a later replay can extend: the store skips only
+epochs at or below the last one logged). Nothing goes silently: an error is logged with the
+number of epochs and metric values not kept and their trials, each such trial's run gets the
+``samstudy.spool_cut`` tag, and :attr:`Outbox.not_spooled` holds them. Those epochs remain in
+the study's Ray results (``<storage>/NAME/<trial>/result.json``).
+
 A trial's queued epochs go to the store together (one ``log_batch`` for a batch of epochs costs
 a store transaction instead of one per epoch: ~10 ms of driver CPU each on sqlite, taken from
 the trials on a small machine).
@@ -21,10 +31,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from samstudy import tags
+from samstudy.paths import redact
 from samstudy.study.operations import (
     Operation,
     TrialInfo,
     TrialMetrics,
+    TrialTags,
     from_record,
     to_record,
     trial_id_of,
@@ -32,6 +45,7 @@ from samstudy.study.operations import (
 from samstudy.study.store import MAX_METRICS_PER_BATCH, MlflowStore, is_permanent
 
 logger = logging.getLogger(__name__)
+DEFAULT_SPOOL_MAX_MB = 200.0  # samstudy.settings.DEFAULT_SPOOL_MAX_MB, the documented default
 
 
 class Outbox:
@@ -44,9 +58,14 @@ class Outbox:
         *,
         max_backoff_s: float = 10.0,
         name: str = "mlflow",
+        spool_max_mb: float = DEFAULT_SPOOL_MAX_MB,
     ) -> None:
+        if not spool_max_mb > 0:
+            raise ValueError(f"spool_max_mb must be positive, not {spool_max_mb!r}")
         self.store = store
         self.spool_path = spool_path
+        self.spool_max_mb = spool_max_mb
+        self.not_spooled: list[TrialMetrics] = []  # epochs over the spool's cap (logged loudly)
         self.max_backoff_s = max_backoff_s
         self.name = name
         self.dropped: list[tuple[Operation, str]] = []  # refused by the store, with the error
@@ -100,7 +119,7 @@ class Outbox:
                 "could not write the MLflow spool %s (%s): %d tracking operations are lost; "
                 "the study's Ray results keep the epochs (a rerun replays them)",
                 self.spool_path,
-                exc,
+                redact(exc),
                 len(left),
             )
         return len(left)
@@ -147,13 +166,69 @@ class Outbox:
         if not ops:
             self.spool_path.unlink(missing_ok=True)
             return
-        needed = {trial_id_of(op) for op in ops} - {None}
+        records = self._within_cap(ops)
+        needed = {trial_id_of(op) for op, _ in records} - {None}
         trials = {k: asdict(v) for k, v in self.store.trials.items() if k in needed}
-        data = {"trials": trials, "ops": [to_record(op) for op in ops]}
+        # The JSON of {"trials": ..., "ops": [...]}, built from the records already measured.
+        text = f'{{"trials": {json.dumps(trials)}, "ops": [{", ".join(r for _, r in records)}]}}'
         self.spool_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.spool_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
+        tmp.write_text(text)
         tmp.replace(self.spool_path)
+        if self.not_spooled:
+            self._report_cut(len(text))
+
+    def _within_cap(self, ops: list[Operation]) -> list[tuple[Operation, str]]:
+        """The operations (with their JSON records) that the spool keeps under its cap; the
+        epochs it cannot keep go to :attr:`not_spooled` (rule: the module docstring)."""
+        self.not_spooled = []
+        pairs = [(op, json.dumps(to_record(op))) for op in ops]
+        trials = {trial_id_of(op) for op in ops} - {None}
+        known = {k: asdict(v) for k, v in self.store.trials.items() if k in trials}
+        # What is always kept: the trials' records and every non-metric operation, plus a
+        # margin for the spool_cut tags added below.
+        fixed = len(json.dumps(known)) + 200 * (len(trials) + 1)
+        fixed += sum(len(r) + 2 for op, r in pairs if not isinstance(op, TrialMetrics))
+        budget = int(self.spool_max_mb * 1_000_000) - fixed
+        kept: list[tuple[Operation, str]] = []
+        cut_trials: set[str] = set()
+        for op, record in pairs:
+            if isinstance(op, TrialMetrics):
+                if op.trial_id in cut_trials or len(record) + 2 > budget:
+                    cut_trials.add(op.trial_id)  # no later epoch of it: keep a gap-free prefix
+                    self.not_spooled.append(op)
+                    continue
+                budget -= len(record) + 2
+            kept.append((op, record))
+        for trial_id in sorted(cut_trials):
+            epochs = sorted(op.epoch for op in self.not_spooled if op.trial_id == trial_id)
+            note = TrialTags(
+                trial_id,
+                {
+                    tags.SPOOL_CUT: f"epochs {epochs[0]}-{epochs[-1]} ({len(epochs)}) not sent: "
+                    f"the MLflow spool was over its cap of {self.spool_max_mb:g} MB"
+                },
+            )
+            kept.append((note, json.dumps(to_record(note))))
+        return kept
+
+    def _report_cut(self, size: int) -> None:
+        values = sum(len(op.metrics) for op in self.not_spooled)
+        trials = sorted({op.trial_id for op in self.not_spooled})
+        logger.error(
+            "MLflow spool %s reached its cap of %g MB (tracking.spool_max_mb / "
+            "SAMSTUDY_SPOOL_MAX_MB): kept every status and the earliest epochs (%.1f MB); "
+            "NOT KEPT: %d epochs (%d metric values) of %d trials (%s). They stay in the study's "
+            "Ray results (<storage>/NAME/<trial>/result.json); their MLflow runs are tagged %s",
+            self.spool_path,
+            self.spool_max_mb,
+            size / 1e6,
+            len(self.not_spooled),
+            values,
+            len(trials),
+            ", ".join(trials[:10]) + (" ..." if len(trials) > 10 else ""),
+            tags.SPOOL_CUT,
+        )
 
     # -- writer thread ---------------------------------------------------------------------
 
@@ -180,15 +255,15 @@ class Outbox:
                         self._busy = False
                     continue
                 if is_permanent(exc):
-                    logger.warning("MLflow refused %s: %s (dropped)", ops[0].KIND, exc)
-                    self.dropped.append((ops[0], str(exc)))
+                    logger.warning("MLflow refused %s: %s (dropped)", ops[0].KIND, redact(exc))
+                    self.dropped.append((ops[0], redact(exc)))
                     self._done(ops)
                     continue
                 if self._online:
                     logger.warning(
                         "MLflow at %s unreachable (%s); training goes on, results are "
                         "buffered and sent when it returns",
-                        self.store.tracking_uri,
+                        redact(self.store.tracking_uri),
                         type(exc).__name__,
                     )
                 self._online = False
@@ -202,7 +277,9 @@ class Outbox:
                 backoff = min(backoff * 2, self.max_backoff_s)
                 continue
             if not self._online:
-                logger.warning("MLflow at %s reachable again; flushing", self.store.tracking_uri)
+                logger.warning(
+                    "MLflow at %s reachable again; flushing", redact(self.store.tracking_uri)
+                )
             self._online = True
             backoff = 0.5
             self._done(ops)
