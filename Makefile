@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 NAME   ?= quickstart
 ARGS   ?=
 
-.PHONY: setup test test-fast lint docs bench study plan ui export report train clean-results
+.PHONY: setup test test-fast lint docs bench study plan status stop ui export summarize report train clean-results
 
 setup: $(STAMP)
 
@@ -38,8 +38,18 @@ study: $(STAMP)
 plan: $(STAMP)
 	$(PY) -m samstudy plan $(NAME) $(ARGS)
 
+status: $(STAMP)
+	$(PY) -m samstudy status $(NAME) $(ARGS)
+
+stop: $(STAMP)
+	$(PY) -m samstudy stop $(NAME) $(ARGS)
+
 export: $(STAMP)
 	$(PY) -m samstudy export $(NAME) $(ARGS)
+
+# export, then one MLflow run per variant (tag samstudy.role=variant) for the MLflow UI
+summarize: $(STAMP)
+	$(PY) -m samstudy summarize $(NAME) $(ARGS)
 
 report: $(STAMP)
 	$(PY) -m samstudy report $(NAME) $(ARGS)

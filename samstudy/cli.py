@@ -14,8 +14,15 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "plan": ("samstudy.study.cli", "plan_main", "validate a study and print its trial table"),
     "study": ("samstudy.study.cli", "study_main", "run (or resume) a study with Ray Tune + MLflow"),
     "ui": ("samstudy.study.cli", "ui_main", "open the MLflow UI on 127.0.0.1"),
+    "status": ("samstudy.study.cli", "status_main", "where a study stands (from MLflow), with ETA"),
+    "stop": ("samstudy.study.cli", "stop_main", "stop a running study from any shell (resumable)"),
     "export": ("samstudy.analysis.cli", "export_main", "export a study from MLflow to Parquet"),
     "report": ("samstudy.analysis.cli", "report_main", "build the HTML/markdown report of a study"),
+    "summarize": (
+        "samstudy.analysis.variant_runs",
+        "summarize_main",
+        "export a study, then write one MLflow run per variant (seed means, intervals)",
+    ),
 }
 
 

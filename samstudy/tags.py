@@ -16,6 +16,7 @@ STATUS = "samstudy.status"
 GIT = "samstudy.git_commit"
 VERSION = "samstudy.version"
 OVERRIDES = "samstudy.overrides"  # JSON of the paths this trial varies
+TOTAL = "samstudy.trials"  # on the parent run: how many trials the study has (for status)
 SET = "samstudy.set"  # on the parent run: JSON list of the study's --set assignments
 NODE = "samstudy.node_id"
 NODE_IP = "samstudy.node_ip"

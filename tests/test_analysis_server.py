@@ -142,8 +142,9 @@ def test_server_export_equals_sql_export_and_mlflow(
     runs_rest = pq.read_table(via_server.runs_path).to_pandas().sort_values("run_id")
     runs_sql = pq.read_table(via_sql.runs_path).to_pandas().sort_values("run_id")
     assert list(runs_rest.columns) == list(runs_sql.columns)
-    for col in runs_rest.columns:
-        np.testing.assert_array_equal(runs_rest[col].to_numpy(), runs_sql[col].to_numpy(), col)
+    for col in runs_rest.columns:  # a missing value (None or NaN) equals a missing value
+        rest_col, sql_col = (f[col].astype(object).fillna("<missing>") for f in (runs_rest, runs_sql))
+        np.testing.assert_array_equal(rest_col.to_numpy(), sql_col.to_numpy(), col)
     # and the values are MLflow's own
     client, frame = logged["client"], rest.to_pandas()
     first = logged["ids"]["t0000"]

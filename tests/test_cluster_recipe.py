@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
+
+from tests.processes import free_port, kill_processes_under
 
 pytestmark = pytest.mark.slow
 
@@ -56,29 +57,6 @@ def node_ip() -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect(("8.8.8.8", 80))  # no packet is sent: this picks the outgoing interface
         return s.getsockname()[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def kill_processes_under(folder: str) -> None:
-    """End the processes whose command line names ``folder`` (the nodes this test started):
-    never ``ray stop``, which would end every Ray of the machine."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if folder in cmdline:
-            try:
-                os.kill(int(entry.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 class Machine:
@@ -123,7 +101,7 @@ def test_the_documented_cluster_recipe_runs_a_study(tmp_path: Path, ray_tmp: str
         pytest.skip("needs the project's .venv/bin/ray and make")
     sections = recipe_sections()
     assert set(sections) == {"1", "2", "3", "4"}, sections
-    ip, port = node_ip(), free_port()
+    ip, port = node_ip(), free_port("")
     study = tmp_path / "recipe.yaml"
     study.write_text(
         yaml.safe_dump(
@@ -191,7 +169,7 @@ def test_the_documented_cluster_recipe_runs_a_study(tmp_path: Path, ray_tmp: str
     refused = [
         (worker.env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 32, RAY_ADDRESS=f"{ip}:{port}"),
          "refused this driver's authentication"),
-        (worker.env(RAY_ADDRESS=f"{ip}:{free_port()}"), "cannot reach the Ray cluster"),
+        (worker.env(RAY_ADDRESS=f"{ip}:{free_port('')}"), "cannot reach the Ray cluster"),
     ]
     for env, expected in refused:
         started = time.monotonic()

@@ -307,3 +307,14 @@ def test_epoch_batcher_flush_after_an_error_and_batch_zero() -> None:
         unbatched({"epoch": n, "status": "running"})
     assert [m["epoch"] for m in every] == [1, 2, 3]
     assert all(m["_earlier_epochs"] == [] for m in every)
+
+
+def test_eta_from_measured_epoch_times() -> None:
+    from samstudy.study.status import duration, eta_seconds
+
+    # one trial at epoch 10 of 40 at 0.5 s/epoch, two pending trials
+    assert eta_seconds([(10, 40, 0.5)], 2, None, 1) == 15 + 2 * 40 * 0.5  # priced as running
+    assert eta_seconds([(10, 40, 0.5)], 2, 30.0, 2) == (15 + 60) / 2  # finished trials' mean
+    assert eta_seconds([], 3, None, 1) is None  # nothing measured yet: no guess
+    assert eta_seconds([], 0, None, 1) == 0.0
+    assert [duration(s) for s in (42, 1020, 12600)] == ["42 s", "17 min", "3.5 h"]

@@ -11,8 +11,10 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Any
 
 from samstudy.configio import add_set_option
+from samstudy.paths import redact
 from samstudy.settings import studies_dir
 from samstudy.study.spec import StudyError, load_study
 
@@ -22,20 +24,65 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
 
 
 def plan_main(argv: list[str]) -> int:
-    """``samstudy plan NAME``: the expanded trial table, the trial count and the estimated cost."""
-    from samstudy.study.plan import format_plan
+    """``samstudy plan NAME``: the expanded trial table, the trial count, the estimated cost and
+    disk, then the pre-flight checks (device, resources, data, storage, tracking) against this
+    machine, or the cluster at ``RAY_ADDRESS``. Exit status 2 when a check fails."""
+    from samstudy.study.plan import format_plan, wall_hours
+    from samstudy.study.preflight import environment_problems, static_problems
 
     parser = argparse.ArgumentParser(prog="samstudy plan", description=plan_main.__doc__)
     parser.add_argument("name", help="study name (studies/NAME.yaml) or path to a study file")
     parser.add_argument("--studies-dir", help="folder of study files (default: ./studies)")
+    parser.add_argument("--gpus", type=float, help="wall time of the study on this many GPUs")
+    parser.add_argument("--cpus", type=float, help="wall time of the study on this many CPUs")
+    parser.add_argument(
+        "--address", help="Ray cluster to check against (default: $RAY_ADDRESS, else this machine)"
+    )
+    parser.add_argument(
+        "--no-check",
+        action="store_true",
+        help="only the table and the estimates: no resource, data and tracking checks (to plan "
+        "on a machine that is not where the study runs)",
+    )
     _add_set(parser)
     args = parser.parse_args(argv)
     try:
         spec = load_study(args.name, studies_dir(args.studies_dir), args.overrides)
     except StudyError as exc:
-        print(f"samstudy plan: {exc}", file=sys.stderr)
+        print(f"samstudy plan: {redact(exc)}", file=sys.stderr)
         return 2
     print(format_plan(spec))
+    if args.gpus is not None or args.cpus is not None:
+        print(wall_hours(spec, cpus=args.cpus, gpus=args.gpus))
+    problems = static_problems(spec)
+    if not args.no_check:
+        from samstudy.settings import TrackingError, tracking_target
+        from samstudy.study.cluster import init_ray
+        from samstudy.study.state import RunnerError
+
+        address = args.address or os.environ.get("RAY_ADDRESS") or None
+        try:
+            uri, experiment = tracking_target(spec.name, None, None, spec.tracking)
+            if address:
+                init_ray(address)
+            more, notes = environment_problems(spec, uri, experiment, address, ray_up=bool(address))
+        except (RunnerError, TrackingError) as exc:
+            print(f"samstudy plan: {redact(exc)}", file=sys.stderr)
+            return 2
+        finally:
+            if address:
+                import ray
+
+                ray.shutdown()
+        problems += more
+        for note in notes:
+            print(note)
+    if problems:
+        print(f"samstudy plan: {spec.path}: the study would fail once launched:", file=sys.stderr)
+        for line in problems:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    print("pre-flight: ok" + (" (static checks only: --no-check)" if args.no_check else ""))
     return 0
 
 
@@ -95,16 +142,22 @@ def study_main(argv: list[str]) -> int:
         help="seconds between epoch lines of one trial in the live view (default 10)",
     )
     parser.add_argument("--quiet", action="store_true", help="no live view")
+    parser.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the pre-flight checks of `samstudy plan` (device, resources, data, tracking)",
+    )
     _add_set(parser)
     args = parser.parse_args(argv)
     try:
         spec = load_study(args.name, studies_dir(args.studies_dir), args.overrides)
     except StudyError as exc:
-        print(f"samstudy study: {exc}", file=sys.stderr)
+        print(f"samstudy study: {redact(exc)}", file=sys.stderr)
         return 2
 
     from samstudy.settings import TrackingError
     from samstudy.study.failures import failure_table
+    from samstudy.study.preflight import PreflightError
     from samstudy.study.result import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_STORAGE
     from samstudy.study.runner import RunnerError, run_study
 
@@ -120,9 +173,10 @@ def study_main(argv: list[str]) -> int:
             num_cpus=args.num_cpus,
             progress=not args.quiet,
             progress_interval_s=args.progress_interval,
+            preflight=not args.no_check,
         )
-    except (RunnerError, TrackingError) as exc:
-        print(f"samstudy study: {exc}", file=sys.stderr)
+    except (RunnerError, TrackingError, PreflightError) as exc:
+        print(f"samstudy study: {redact(exc)}", file=sys.stderr)
         return EXIT_INVALID
     except KeyboardInterrupt:
         print(f"interrupted; run `samstudy study {spec.name}` again to resume.", file=sys.stderr)
@@ -138,7 +192,7 @@ def study_main(argv: list[str]) -> int:
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     print(
         f"study {spec.name}: {result.status} in {result.wall_s:.0f} s ({summary}). "
-        f"Ray results: {result.experiment_path}; MLflow: {result.tracking_uri} "
+        f"Ray results: {result.experiment_path}; MLflow: {redact(result.tracking_uri)} "
         f"(`make ui` to browse)."
     )
     if result.failures:
@@ -153,10 +207,59 @@ def study_main(argv: list[str]) -> int:
             file=sys.stderr,
         )
     if result.status == "interrupted":
-        print(f"run `samstudy study {spec.name}` again to resume.")
+        how = "stopped by `samstudy stop`; " if result.stopped else ""
+        print(f"{how}run `samstudy study {spec.name}` again to resume.")
     elif result.status == "failed":
         print(f"some trials failed; run `samstudy study {spec.name}` again to retry them.")
     return result.exit_code
+
+
+def _study_target(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[Any, Any]:
+    """(args, spec) of a command that names a study; exits 2 on a bad study file."""
+    parser.add_argument("name", help="study name (studies/NAME.yaml) or path to a study file")
+    parser.add_argument("--studies-dir", help="folder of study files (default: ./studies)")
+    args = parser.parse_args(argv)
+    try:
+        return args, load_study(args.name, studies_dir(args.studies_dir))
+    except StudyError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def status_main(argv: list[str]) -> int:
+    """``samstudy status NAME``: trials pending, running (epoch, node), done, failed (with the
+    error), diverged, and an ETA, read from MLflow: any shell that reaches the tracking store."""
+    import json
+
+    from samstudy.settings import TrackingError, tracking_target
+    from samstudy.study.status import format_status, study_status
+
+    parser = argparse.ArgumentParser(prog="samstudy status", description=status_main.__doc__)
+    parser.add_argument("--tracking-uri", help="MLflow store (default: as `samstudy study`)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args, spec = _study_target(parser, argv)
+    try:
+        uri, experiment = tracking_target(spec.name, args.tracking_uri, None, spec.tracking)
+        status = study_status(uri, experiment, spec.name)
+    except (TrackingError, LookupError) as exc:
+        print(f"samstudy status: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(status.to_json(), indent=2) if args.json else format_status(status))
+    return 0
+
+
+def stop_main(argv: list[str]) -> int:
+    """``samstudy stop NAME``: ask the study's driver to stop (from any shell that sees the
+    study's storage); the running trials stay resumable and `samstudy study NAME` resumes."""
+    from samstudy.study.control import request_stop
+    from samstudy.study.state import ExperimentFiles, experiment_path, resolve_storage_path
+
+    parser = argparse.ArgumentParser(prog="samstudy stop", description=stop_main.__doc__)
+    parser.add_argument("--storage-path", help="the study's storage (default: as `samstudy study`)")
+    args, spec = _study_target(parser, argv)
+    storage = resolve_storage_path(args.storage_path or spec.storage_path)
+    print(f"samstudy stop: {request_stop(ExperimentFiles(experiment_path(storage, spec.name)))}")
+    return 0
 
 
 def ui_main(argv: list[str]) -> int:
@@ -184,7 +287,9 @@ def ui_main(argv: list[str]) -> int:
         "--backend-store-uri",
         store,
     ]
-    print(f"MLflow UI on http://127.0.0.1:{args.port} ({store}); Ctrl+C stops it.", flush=True)
+    # MLflow 3 opens an experiment on its GenAI view unless the URL asks for model training.
+    url = f"http://127.0.0.1:{args.port}/#/experiments?workflowType=machine_learning"
+    print(f"MLflow UI on {url} ({redact(store)}); Ctrl+C stops it.", flush=True)
     # Its own process group, so stopping it also stops the server's worker processes.
     # The UI needs no job runner (a dozen worker processes for MLflow's GenAI jobs).
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}

@@ -46,6 +46,7 @@ class MarkStudy:
 
     KIND: ClassVar[str] = "study"
     overrides: tuple[str, ...] = ()
+    total: int | None = None  # the study's trial count (``samstudy.trials``)
 
 
 @dataclass(frozen=True)

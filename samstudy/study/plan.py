@@ -74,11 +74,14 @@ def data_sizes(config: Mapping[str, Any]) -> tuple[int, int]:
     if name == "digits":
         # sklearn's train_test_split rounds the test share up.
         n_test = math.ceil(_DIGITS_TOTAL * float(data.get("test_size", 0.2)))
-        return _DIGITS_TOTAL - n_test, n_test
-    if name == "gaussian":
+        n_train = _DIGITS_TOTAL - n_test
+    elif name == "gaussian":
         synthetic = data.get("synthetic", {})
-        return int(synthetic.get("n_train", 512)), int(synthetic.get("n_test", 2048))
-    return _DATA_SIZES.get(name, (50000, 10000))
+        n_train, n_test = int(synthetic.get("n_train", 512)), int(synthetic.get("n_test", 2048))
+    else:
+        n_train, n_test = _DATA_SIZES.get(name, (50000, 10000))
+    # data.train_fraction trains on a share of the training set; the test set stays whole.
+    return max(1, round(n_train * float(data.get("train_fraction", 1.0)))), n_test
 
 
 def _family(data_name: str) -> str:
@@ -147,6 +150,34 @@ class CostEstimate:
             f"estimated cost: ~{self.trial_hours * 60:.1f} CPU-minutes for {self.trials} trials"
             + (wall + f"on this machine ({os.cpu_count()} CPUs)" if self.wall_hours else "")
         )
+
+
+def wall_hours(spec: StudySpec, cpus: float | None = None, gpus: float | None = None) -> str:
+    """The study's wall time on ``cpus`` CPUs or ``gpus`` GPUs (``plan --cpus/--gpus``)."""
+    device = "gpu" if spec.resources.gpus > 0 else "cpu"
+    trials = spec.expand()
+    threads = max(1, int(spec.resources.cpus))
+    seconds = [
+        trial_seconds(t.config, device, threads=t.config.get("threads") or threads) for t in trials
+    ]
+    if spec.search is not None:
+        seconds = seconds * spec.search.num_samples
+    if gpus is not None:
+        per, unit = spec.resources.gpus, "GPU"
+        amount = gpus
+        if per == 0:
+            return f"--gpus {gpus:g}: the trials use no GPU (resources.gpus: 0); see --cpus"
+    else:
+        per, unit, amount = spec.resources.cpus, "CPU", float(cpus or 1)
+    slots = max(1, int(amount / per + 1e-9))
+    if spec.max_concurrent:
+        slots = min(slots, spec.max_concurrent)
+    slots = min(slots, len(seconds))
+    hours = max(sum(seconds) / 3600 / slots, max(seconds) / 3600)
+    return (
+        f"on {amount:g} {unit}s: {slots} trials at once ({per:g} {unit} each), about "
+        f"{hours:.1f} h wall ({hours * 60:.0f} min), from the estimate above"
+    )
 
 
 def _local_concurrency(spec: StudySpec) -> int:

@@ -12,6 +12,7 @@ from ray.tune import Callback
 
 from samstudy.study.callbacks import FailureBook, TrialResolver, final_status
 from samstudy.study.failures import ERROR, Failure
+from samstudy.study.status import duration, eta_seconds
 
 
 class ProgressCallback(Callback):
@@ -42,6 +43,8 @@ class ProgressCallback(Callback):
         self._last_summary = self.start
         self._running: set[str] = set()
         self._started: dict[str, float] = {}
+        self._pace: dict[str, tuple[int, int, float]] = {}  # (epoch, epochs, s/epoch) running
+        self._took: list[float] = []  # seconds of each trial finished in this run
         self.counts: dict[str, int] = {}
 
     def _print(self, text: str) -> None:
@@ -59,11 +62,14 @@ class ProgressCallback(Callback):
     def on_trial_result(self, trial: Any, result: dict, **info: Any) -> None:
         if ERROR in result:  # the failure itself is printed by on_trial_error / _recover
             return
+        epochs = self.resolver.of(trial)["config"].get("epochs", "?")
+        each = result.get("epoch_time")
+        if isinstance(result.get("epoch"), int) and isinstance(epochs, int) and each:
+            self._pace[trial.trial_id] = (result["epoch"], epochs, float(each))
         now = time.monotonic()
         if now - self._last_line.get(trial.trial_id, -math.inf) < self.interval_s:
             return
         self._last_line[trial.trial_id] = now
-        epochs = self.resolver.of(trial)["config"].get("epochs", "?")
         values = " ".join(
             f"{k} {result[k]:.4g}" for k in self.KEYS if isinstance(result.get(k), int | float)
         )
@@ -71,6 +77,9 @@ class ProgressCallback(Callback):
 
     def _finished(self, trial: Any, status: str, failure: Failure | None = None) -> None:
         self._running.discard(trial.trial_id)
+        self._pace.pop(trial.trial_id, None)
+        if failure is None and trial.trial_id in self._started:
+            self._took.append(time.monotonic() - self._started[trial.trial_id])
         self.done += 1
         self.counts[status] = self.counts.get(status, 0) + 1
         took = time.monotonic() - self._started.get(trial.trial_id, time.monotonic())
@@ -118,5 +127,12 @@ class ProgressCallback(Callback):
             counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts.items()))
             self._print(
                 f"{'summary':<10}{self.done}/{self.total} done ({counts or 'none yet'}), "
-                f"{len(self._running)} running"
+                f"{len(self._running)} running{self._eta()}"
             )
+
+    def _eta(self) -> str:
+        """``; ETA ...`` as ``samstudy status`` computes it, from this run's measurements."""
+        pending = max(0, self.total - self.done - len(self._running))
+        mean = sum(self._took) / len(self._took) if self._took else None
+        eta = eta_seconds(list(self._pace.values()), pending, mean, max(1, len(self._running)))
+        return "" if eta is None else f"; ETA {duration(eta)}"

@@ -48,8 +48,13 @@ class CheckpointPruner(Callback):
         text = self.files.read_text(latest[0])
         if text is None:
             return 0
+        try:
+            trial_data = json.loads(text).get("trial_data", [])
+        except ValueError:  # caught while Tune rewrites it: read it again next time
+            self._seen = None
+            return 0
         settled = set()
-        for trial_json, _ in json.loads(text).get("trial_data", []):
+        for trial_json, _ in trial_data:
             record = json.loads(trial_json)
             if record.get("status") == "TERMINATED":
                 settled.add(record.get("trial_id"))

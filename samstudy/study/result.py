@@ -43,6 +43,7 @@ class StudyResult:
     # trial name -> its failure, for the trials that failed for good in this run
     failures: dict[str, Failure] = field(default_factory=dict)
     message: str = ""  # why the study stopped, for a ``storage_fault``
+    stopped: bool = False  # by `samstudy stop`
 
     @property
     def exit_code(self) -> int:

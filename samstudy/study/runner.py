@@ -17,19 +17,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from samstudy import tags
-from samstudy.paths import project_root
+from samstudy.paths import project_root, redact
 from samstudy.settings import tracking_target
 from samstudy.study import callbacks as _callbacks
 from samstudy.study.callbacks import (
@@ -41,7 +39,9 @@ from samstudy.study.callbacks import (
     run_config_callbacks,
 )
 from samstudy.study.cluster import check_storage, init_ray
+from samstudy.study.control import DriverControl
 from samstudy.study.failures import StorageFault, is_storage_error
+from samstudy.study.preflight import environment_problems, raise_if, static_problems
 from samstudy.study.progress import ProgressCallback
 from samstudy.study.pruning import CheckpointPruner
 from samstudy.study.result import EXIT_CODES, StudyResult
@@ -62,7 +62,15 @@ from samstudy.study.state import (
     study_fingerprint,
 )
 from samstudy.study.tracking import StudyTracker
-from samstudy.study.worker import REPORT_BATCH_S, absolute_paths, trainable
+from samstudy.study.tuneconfig import (
+    quiet_tune,
+    trial_dirname,
+    tune_config,
+    tune_env,
+    tune_switches,
+    tune_trainable,
+)
+from samstudy.study.worker import absolute_paths
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +79,7 @@ logger = logging.getLogger(__name__)
 # `Tuner.restore` unpickles them by that path: these names must stay importable here.
 _Dispatch = _callbacks._Dispatch
 _DropEarlierEpochs = _callbacks._DropEarlierEpochs
+_trial_dirname = trial_dirname
 
 __all__ = [
     "EXIT_CODES",
@@ -102,10 +111,12 @@ def run_study(
     flush_timeout_s: float = 120.0,
     root: Path | None = None,
     out: TextIO | None = None,
+    preflight: bool = True,
 ) -> StudyResult:
     """Run (or resume) ``study`` with Ray Tune, tracking it in MLflow; see the module docstring.
 
     ``callbacks`` are extra ``ray.tune.Callback`` objects (tests use them to inject faults).
+    ``preflight``: the checks of :mod:`~samstudy.study.preflight` first (``PreflightError``).
     ``reuse_actors`` keeps each worker process for the next trial: a new process pays the
     torch/torchvision imports again (seconds), which dominates short trials.
     Raises :class:`RunnerError` for a study that cannot run as asked.
@@ -135,7 +146,9 @@ def run_study(
         study_sha256=study.sha256,
         description=study.description,
         overrides=study.overrides,
+        total=len(trials) if study.search is None else study.search.num_samples,
         spool_path=spool,
+        spool_max_mb=study.tracking.spool_max_mb,
         root=root,
     )
     result = StudyResult(study.name, "", path, uri)
@@ -147,7 +160,7 @@ def run_study(
         result.trials = {k: v["status"] for k, v in state["trials"].items()}
         print(
             f"study {study.name} is complete ({len(result.trials)} trials in "
-            f"{path}); nothing to run. Results: MLflow {uri}, experiment "
+            f"{path}); nothing to run. Results: MLflow {redact(uri)}, experiment "
             f"{experiment!r}. Use --fresh to run it again from scratch.",
             file=out,
         )
@@ -156,12 +169,18 @@ def run_study(
     owns_ray = init_ray(address, num_cpus)
     try:
         check_storage(storage, shared_storage)
+        if preflight:  # before anything is deleted or started
+            cluster = address or os.environ.get("RAY_ADDRESS") or None
+            problems = static_problems(study)
+            problems += environment_problems(study, uri, experiment, cluster, ray_up=True)[0]
+            raise_if(study.path, problems)
         if fresh:  # only now: a refused set-up must not have deleted anything
             files.delete()
             spool.unlink(missing_ok=True)
         tracker.start(purge=fresh)
         status = "interrupted"
         outcomes: OutcomeCallback | None = None
+        control: DriverControl | None = None
         fault: StorageFault | None = None
         try:
             restoring = tune.Tuner.can_restore(path)
@@ -188,20 +207,21 @@ def run_study(
                 active.append(
                     ProgressCallback(total, resolver, done, out, progress_interval_s, book=book)
                 )
-            active.extend(callbacks)
+            control = DriverControl(files)  # `samstudy stop` from any shell
+            active += [control, *callbacks]
             verb = "resuming" if restoring else "starting"
             print(
                 f"{verb} study {study.name}: {total} trials ({done} done) in {path}; "
-                f"MLflow {uri}, experiment {experiment!r}",
+                f"MLflow {redact(uri)}, experiment {experiment!r}",
                 file=out,
                 flush=True,
             )
-            fn = _trainable(study, root)
+            fn = tune_trainable(study, root)
             # Experiments of this version hold their JSON logger in the run config, so a
             # restore too runs without Tune's default loggers (older ones keep them).
-            switches = _tune_switches(restoring and not state.get("own_loggers"))
+            switches = tune_switches(restoring and not state.get("own_loggers"))
             try:
-                with dispatching(active), _tune_env(switches), _quiet_tune():
+                with dispatching(active), tune_env(switches), quiet_tune():
                     if restoring:
                         tuner = tune.Tuner.restore(
                             path, fn, resume_unfinished=True, resume_errored=True
@@ -210,7 +230,7 @@ def run_study(
                         tuner = tune.Tuner(
                             fn,
                             param_space=param_space(study, trials),
-                            tune_config=_tune_config(study, reuse_actors),
+                            tune_config=tune_config(study, reuse_actors),
                             run_config=tune.RunConfig(
                                 name=study.name,
                                 storage_path=storage,
@@ -231,7 +251,7 @@ def run_study(
                 fault = book.fault
                 if fault is None and isinstance(exc, OSError) and is_storage_error(exc):
                     fault = StorageFault(f"{type(exc).__name__}: {exc}")
-                if fault is None:
+                if fault is None and not control.stopping:
                     raise
             if fault is None:
                 status = outcome(study, [t.trial_id for t in trials], state)
@@ -253,6 +273,9 @@ def run_study(
                     fault = fault or StorageFault(f"{type(exc).__name__}: {exc}")
                 result.trials = {k: v["status"] for k, v in state["trials"].items()}
             result.status = "storage_fault" if fault is not None else status
+            if control is not None:
+                result.stopped = control.stopping
+                control.close()
             if tracker.pending:
                 print(f"flushing {tracker.pending} MLflow operations...", file=out, flush=True)
             result.tracking_pending = tracker.finish(status, flush_timeout_s)
@@ -269,124 +292,3 @@ def run_study(
             "resume"
         )
     return result
-
-
-# -- the Tune config ---------------------------------------------------------------------------
-
-
-def _trainable(study: StudySpec, root: Path) -> Callable[..., Any]:
-    """The worker's trainable with the study's parameters and per-trial resources."""
-    from ray import tune
-
-    # ASHA decides at each rung epoch: give it every epoch as it ends
-    asha = study.search is not None and study.search.asha is not None
-    fn = tune.with_parameters(
-        trainable,
-        study=study,
-        root=str(root),
-        batch_s=0.0 if asha else REPORT_BATCH_S,
-        checkpoint_min_s=study.checkpoint_min_s,
-    )
-    return tune.with_resources(fn, {"cpu": study.resources.cpus, "gpu": study.resources.gpus})
-
-
-def _trial_dirname(trial: Any) -> str:
-    # Module-level: Tune pickles it into the experiment (TuneConfig.trial_dirname_creator) and
-    # unpickles it by this path on restore, so it stays here. Short, filesystem-safe and
-    # recognisable.
-    inner = trial.config.get("trial")
-    label = f"{inner['trial_id']}_{inner['name']}" if inner else trial.trial_id
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", label)[:100]
-
-
-def _tune_switches(restoring: bool) -> dict[str, str]:
-    """Tune's environment switches that cut its per-result driver work for this study.
-
-    No CSV and TensorBoard loggers (driver CPU and an fsync per result, read by nothing here);
-    the JSON one, whose ``result.json`` :func:`~samstudy.study.state.reconcile` reads, is in
-    the run config (``restoring`` an experiment of an earlier version, whose run config has no
-    JSON logger, keeps Tune's defaults). Tune's legacy console output, silent at ``verbose=0``: the newer one prints a
-    configuration box and a results path into the study's own progress view even then.
-    (Tune's own result buffering, ``TUNE_RESULT_BUFFER_LENGTH``, is not used: Ray 2.60's
-    controller passes its two arguments to ``train_buffered`` in swapped order; the trainable
-    batches its epochs itself, see :func:`~samstudy.study.worker.trainable`.)
-    """
-    # Tune logs every trial error with Ray's whole traceback (tens of lines per attempt); the
-    # failure callbacks print one line each instead, the traceback stays in error.txt.
-    switches = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}
-    if not restoring:
-        switches["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    return switches
-
-
-@contextlib.contextmanager
-def _quiet_tune() -> Iterator[None]:
-    """Keep Tune's own end-of-run lines off the console: "Trials did not complete" (the study
-    prints its failed trials with their reasons) and, on restore, "Failed to fetch metrics" for
-    each trial that had not reported yet."""
-    names = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
-@contextlib.contextmanager
-def _tune_env(switches: Mapping[str, str]) -> Iterator[None]:
-    """Set ``switches`` in the environment for one ``fit`` (values the user set win)."""
-    added = [key for key in switches if key not in os.environ]
-    for key in added:
-        os.environ[key] = switches[key]
-    try:
-        yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
-
-
-def _tune_config(study: StudySpec, reuse_actors: bool) -> Any:
-    from ray import tune
-
-    if study.search is None:
-        return tune.TuneConfig(
-            num_samples=1,
-            max_concurrent_trials=study.max_concurrent,
-            reuse_actors=reuse_actors,
-            trial_dirname_creator=_trial_dirname,
-        )
-    import optuna
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
-
-    search = study.search
-    sampler = (
-        optuna.samplers.TPESampler(seed=search.seed)
-        if search.algorithm == "tpe"
-        else optuna.samplers.RandomSampler(seed=search.seed)
-    )
-    searcher: Any = OptunaSearch(sampler=sampler)
-    if study.max_concurrent:
-        searcher = ConcurrencyLimiter(searcher, max_concurrent=study.max_concurrent)
-    scheduler = None
-    if search.asha is not None:
-        scheduler = ASHAScheduler(
-            time_attr="epoch",
-            max_t=search.asha.max_t or study.base.epochs,
-            grace_period=search.asha.grace_period,
-            reduction_factor=search.asha.reduction_factor,
-        )
-    return tune.TuneConfig(
-        metric=search.metric,
-        mode=search.mode,
-        search_alg=searcher,
-        scheduler=scheduler,
-        num_samples=search.num_samples,
-        reuse_actors=reuse_actors,
-        trial_dirname_creator=_trial_dirname,
-    )

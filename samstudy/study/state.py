@@ -70,6 +70,11 @@ class ExperimentFiles:
             stream.write(text.encode("utf-8"))
         self.fs.move(tmp, f"{self.base}/{rel}")
 
+    def delete_file(self, rel: str) -> None:
+        """Remove ``rel`` when it exists."""
+        if self.exists(rel):
+            self.fs.delete_file(f"{self.base}/{rel}")
+
     def delete(self) -> None:
         """Delete the whole experiment."""
         if self.exists():

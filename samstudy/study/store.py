@@ -256,6 +256,8 @@ class MlflowStore:
         }
         if op.overrides:
             values[tags.SET] = json.dumps(list(op.overrides))
+        if op.total:
+            values[tags.TOTAL] = str(op.total)
         self.client.log_batch(run_id, tags=_run_tags(values))
         self.client.update_run(run_id, status="RUNNING")
 

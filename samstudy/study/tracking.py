@@ -18,8 +18,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from samstudy import settings
 from samstudy import tags as tag_names
-from samstudy.paths import project_root
+from samstudy.paths import project_root, redact
 from samstudy.study.failures import Failure
 from samstudy.study.operations import (
     EndStudy,
@@ -69,7 +70,8 @@ class StudyTracker:
     from the driver (they only enqueue and never block), and :meth:`finish` at the end.
     ``trial`` arguments are trial dicts (``TrialSpec.to_dict()``: ``trial_id``, ``name``,
     ``config``, ``overrides``, ``variant``, ``variant_id``). ``overrides`` are the study's
-    ``--set`` assignments, tagged on the parent run at every start.
+    ``--set`` assignments, tagged on the parent run at every start. ``spool_max_mb`` caps the
+    spool file (``samstudy.study.outbox``; default ``samstudy.settings.spool_max_mb()``).
     """
 
     def __init__(
@@ -81,13 +83,16 @@ class StudyTracker:
         study_sha256: str = "",
         description: str = "",
         overrides: Sequence[str] = (),
+        total: int | None = None,
         spool_path: Path | None = None,
         root: Path | None = None,
         max_backoff_s: float = 10.0,
+        spool_max_mb: float | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.study = study
         self.overrides = tuple(overrides)
+        self.total = total
         info = StudyInfo(
             name=study,
             experiment=experiment or study,
@@ -97,7 +102,12 @@ class StudyTracker:
         )
         self.store = MlflowStore(tracking_uri, info)
         self.outbox = Outbox(
-            self.store, spool_path, max_backoff_s=max_backoff_s, name=f"mlflow-{study}"
+            self.store,
+            spool_path,
+            max_backoff_s=max_backoff_s,
+            name=f"mlflow-{study}",
+            # None: $SAMSTUDY_SPOOL_MAX_MB, else the default (the study file's value wins)
+            spool_max_mb=settings.spool_max_mb() if spool_max_mb is None else spool_max_mb,
         )
 
     def start(self, *, purge: bool = False, announce: bool = True) -> None:
@@ -109,7 +119,7 @@ class StudyTracker:
         spooled = self.outbox.load_spool()
         ops: list[Operation] = [Purge()] if purge else spooled
         if announce:
-            ops.append(MarkStudy(self.overrides))
+            ops.append(MarkStudy(self.overrides, self.total))
         self.outbox.put(*ops)
         self.outbox.start()
 
@@ -173,11 +183,12 @@ class StudyTracker:
             logger.warning("flush interrupted; spooling what is left")
         left = self.outbox.close()
         if left:
+            # Epochs over the spool's cap are not in it (the outbox logged an error for them).
             logger.warning(
                 "MLflow at %s unreachable: %d tracking operations spooled to %s; they are "
                 "sent on the next `samstudy study %s`",
-                self.tracking_uri,
-                left,
+                redact(self.tracking_uri),
+                left - len(self.outbox.not_spooled),
                 self.outbox.spool_path,
                 self.study,
             )
