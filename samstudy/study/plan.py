@@ -174,9 +174,11 @@ def wall_hours(spec: StudySpec, cpus: float | None = None, gpus: float | None = 
         slots = min(slots, spec.max_concurrent)
     slots = min(slots, len(seconds))
     hours = max(sum(seconds) / 3600 / slots, max(seconds) / 3600)
+    from samstudy.study.status import duration
+
     return (
         f"on {amount:g} {unit}s: {slots} trials at once ({per:g} {unit} each), about "
-        f"{hours:.1f} h wall ({hours * 60:.0f} min), from the estimate above"
+        f"{duration(hours * 3600)} wall, from the estimate above"
     )
 
 
