@@ -189,7 +189,7 @@ def matrix_section(device: torch.device, sizes: Sizes, loader: Any) -> tuple[str
             ok.append(ratio <= SAM_OVER_SGD_MAX)
             rows.append(
                 f"| {precision} | {'torch.compile' if compiled else 'eager'} "
-                f"| {times['sgd']:.2f} | {times['sam']:.2f} | {sizes.images / times['sgd']:,.0f} "
+                f"| {times['sgd']:.4g} | {times['sam']:.4g} | {sizes.images / times['sgd']:,.0f} "
                 f"| {sizes.images / times['sam']:,.0f} | {ratio:.3f} | {verdict(ok[-1])} "
                 f"| {graphs[0]} / {graphs[1]} |"
             )
@@ -245,8 +245,8 @@ def presets_section(device: torch.device, sizes: Sizes, loader: Any) -> tuple[st
             cell = "n/a (one pass)"
         knobs = ", ".join(f"{k}={v}" for k, v in preset.example.items()) or "-"
         rows.append(
-            f"| {name} | {knobs} | {statistics.median(mine) * 1e3:.1f} "
-            f"| {statistics.median(ref) * 1e3:.1f} | {ratio:.3f} | {cell} |"
+            f"| {name} | {knobs} | {statistics.median(mine) * 1e3:.4g} "
+            f"| {statistics.median(ref) * 1e3:.4g} | {ratio:.3f} | {cell} |"
         )
         print(rows[-1], flush=True)
         del trainer
