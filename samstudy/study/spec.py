@@ -1,11 +1,11 @@
-"""Study files: the schema of ``studies/NAME.yaml`` and its loading.
+"""Study files: the schema of ``studies/NAME.yaml`` and its loading. Long because it is the whole
+study-file schema, with the validators that need the expanded trials, in one place.
 
 A study file is validated completely before anything is launched: the schema (pydantic, unknown
 keys refused), every grid path, and every expanded trial config (``TrialConfig``, which runs the
 optimizer's own checks). Every problem is a :class:`StudyError` naming the file, the field path
 and what is allowed. Expansion into trials lives in ``samstudy.study.expand``; the grammar is
-documented in ``docs/studies.md``. Long because it is the whole study-file schema, with the
-validators that need the expanded trials, in one place.
+documented in ``docs/studies.md``.
 """
 
 from __future__ import annotations
