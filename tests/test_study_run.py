@@ -210,6 +210,7 @@ def test_search_study_with_optuna_and_asha(local_ray: None, tmp_path: Path) -> N
                 "batch_size": {"type": "categorical", "values": [32, 64]},
             },
             "asha": {"max_t": 2, "grace_period": 1, "reduction_factor": 2},
+            "points_to_evaluate": [{"optimizer.rho": 0.123, "batch_size": 32}],
         },
     )
     result = run_study(spec, out=io.StringIO())
@@ -226,6 +227,8 @@ def test_search_study_with_optuna_and_asha(local_ray: None, tmp_path: Path) -> N
         rho = float(run.data.params["optimizer.rho"])
         assert 0.01 <= rho <= 0.2
         assert int(run.data.params["batch_size"]) in (32, 64)
+    # the point to evaluate ran, as given (the study's reference for the report)
+    assert [r for r in runs if r.data.params["optimizer.rho"] == "0.123"]
     assert run_study(spec, out=io.StringIO()).status == "already_complete"
 
     # --fresh: the old runs are soft-deleted and the study runs again from scratch.

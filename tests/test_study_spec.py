@@ -323,13 +323,21 @@ BAD = [
         BASE.replace("rate: 0.4", "rat: 0.4"),
         ["base.noise.rat", "did you mean 'rate'", "label_file"],
     ),
-    ("wrong type", BASE.replace("epochs: 3", "epochs: ten"), ["base.epochs", "expected an integer", "'ten'"]),
+    (
+        "wrong type",
+        BASE.replace("epochs: 3", "epochs: ten"),
+        ["base.epochs", "expected an integer", "'ten'"],
+    ),
     (
         "negative rho",
         BASE.replace("lr: 0.05", "lr: 0.05, rho: -0.1"),
         ["base.optimizer.rho:", ">= 0"],
     ),
-    ("noise rate 1", BASE.replace("rate: 0.4", "rate: 1.0"), ["base.noise.rate", "expected a number < 1, got 1.0"]),
+    (
+        "noise rate 1",
+        BASE.replace("rate: 0.4", "rate: 1.0"),
+        ["base.noise.rate", "expected a number < 1, got 1.0"],
+    ),
     (
         "noise rate negative in grid",
         BASE + "grid: {noise.rate: [0.2, -0.1]}\n",
@@ -432,6 +440,29 @@ BAD = [
         BASE
         + "search:\n  num_samples: 2\n  params:\n    optimizer.rho: {type: float, low: 0.01, high: 1}\n  asha: {max_t: 50}\n",
         ["search.asha.max_t: 50 exceeds base.epochs (3)"],
+    ),
+    (
+        "search point missing a param",
+        BASE
+        + "search:\n  num_samples: 2\n  params:\n    optimizer.rho: {type: float, low: 0.01, high: 1}\n"
+        + "    batch_size: {type: categorical, values: [32, 64]}\n"
+        + "  points_to_evaluate:\n    - {optimizer.rho: 0.1, batch_sise: 32}\n",
+        ["search.points_to_evaluate", "[0]", "missing: batch_size", "not a param: batch_sise"],
+    ),
+    (
+        "search point outside its range",
+        BASE
+        + "search:\n  num_samples: 2\n  params:\n    optimizer.rho: {type: float, low: 0.01, high: 1}\n"
+        + "  points_to_evaluate:\n    - {optimizer.rho: 2}\n",
+        ["search.points_to_evaluate:", "[0].optimizer.rho: 2 is outside", "float in [0.01, 1.0]"],
+    ),
+    (
+        "search point that is no valid trial",
+        BASE
+        + "search:\n  num_samples: 2\n  params:\n    optimizer.name: {type: categorical, values: [sam, sgd]}\n"
+        + "    optimizer.ascent: {type: categorical, values: [sam, adaptive]}\n"
+        + "  points_to_evaluate:\n    - {optimizer.name: sgd, optimizer.ascent: adaptive}\n",
+        ["search.points_to_evaluate[0]:", "ascent"],
     ),
     (
         "search with seeds",

@@ -9,7 +9,9 @@ is ``sam``, ``optimizer.m`` is the whole batch), and a setting that does not app
 reference variant is not compared: SGD's ``rho`` (SGD ignores it), SAM's missing ``scales``,
 the clamp threshold of an unclamped ascent. So ``{optimizer.name: sgd}`` pairs SAM at every rho
 with the SGD run of the same model and noise, and ``{optimizer.ascent: sam}`` pairs each clamped
-run with the unclamped run at the same rho.
+run with the unclamped run at the same rho. A reference value ``"*"`` takes any value and leaves
+that setting uncompared: a search's sampled trials, each at its own rho, are compared with the
+one reference point it evaluates (``optuna_same``).
 
 This module imports neither pandas nor ``samstudy.study``: the study file's schema
 (``samstudy.study.spec``) takes :class:`AnalysisSpec` from here and checks each reference
@@ -34,6 +36,9 @@ from samstudy.optim.presets import PRESETS
 from samstudy.train.config import COMPACT_DEFAULTS, EPOCH_METRICS
 
 Reference = Mapping[str, Any]
+# A reference value that matches any value (and so is not compared either): a search's
+# reference point at any sampled rho is {optimizer.scales: [1, 1, 1, 1], optimizer.rho: "*"}.
+ANY = "*"
 
 DEFAULT_REFERENCES: tuple[dict[str, Any], ...] = ({"optimizer.name": "sam"},)
 # (low, high] as fractions of a run's epochs: early = first third, late = last third.
@@ -219,9 +224,17 @@ def same_value(value: Any, wanted: Any) -> bool:
     return str(value) == str(wanted)
 
 
+def matches(value: Any, wanted: Any) -> bool:
+    """``same_value``, where a reference value ``"*"`` (:data:`ANY`) takes any value the
+    variant has."""
+    if isinstance(wanted, str) and wanted == ANY:
+        return value is not MISSING
+    return same_value(value, wanted)
+
+
 def is_reference(settings: Mapping[str, Any], reference: Reference) -> bool:
     """Whether a variant (its dotted settings) has every setting the reference names."""
-    return all(same_value(setting(settings, k), v) for k, v in reference.items())
+    return all(matches(setting(settings, k), v) for k, v in reference.items())
 
 
 def agrees(variant: Mapping[str, Any], ref: Mapping[str, Any], reference: Reference) -> bool:
@@ -274,7 +287,7 @@ def unmatched_reference(trials: Sequence[Mapping[str, Any]], reference: Referenc
             known = sorted({k for t in trials for k in t})
             hint = closest(key, known)
             parts.append(f"no trial has {key}" + (f" (did you mean {hint!r}?)" if hint else ""))
-        elif not any(same_value(setting(t, key), wanted) for t in trials):
+        elif not any(matches(setting(t, key), wanted) for t in trials):
             parts.append(f"{key} takes {', '.join(sorted(values))} here")
     detail = "; ".join(parts) or "no single trial has all of these settings"
     return f"{{{reference_text(reference)}}} matches no trial of the study ({detail})"

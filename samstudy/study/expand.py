@@ -222,5 +222,10 @@ def check_search(spec: StudySpec) -> None:
                 problems.append(
                     f"{field_path}.{which} ({json.dumps(value)}): {_trial_problem(exc)}"
                 )
+    for i, point in enumerate(spec.search.points_to_evaluate):
+        try:
+            trial_from_overrides(spec, point)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"search.points_to_evaluate[{i}]: {_trial_problem(exc)}")
     if problems:
         raise study_error(spec.path, problems)

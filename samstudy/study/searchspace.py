@@ -52,6 +52,21 @@ def search_space(study: StudySpec) -> dict[str, Any]:
     return {"overrides": space}
 
 
+def initial_points(study: StudySpec) -> list[dict[str, Any]]:
+    """``search.points_to_evaluate`` as OptunaSearch takes them: keyed by the flattened names
+    of :func:`search_space` (``overrides/optimizer.rho``), lists JSON-encoded as there."""
+    assert study.search is not None
+    points = []
+    for point in study.search.points_to_evaluate:
+        encoded = {}
+        for path, value in point.items():
+            values = study.search.params[path].values or []
+            plain = all(_is_plain(v) for v in values)
+            encoded[f"overrides/{path}"] = value if plain else json.dumps(value)
+        points.append(encoded)
+    return points
+
+
 def decode_overrides(study: StudySpec, overrides: dict[str, Any]) -> dict[str, Any]:
     """Undo :func:`search_space`'s JSON encoding of non-plain categorical values."""
     assert study.search is not None

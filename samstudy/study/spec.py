@@ -24,6 +24,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -112,6 +113,22 @@ class ParamSpec(_Strict):
             raise ValueError(f"type 'int' needs whole low/high, got {self.low}, {self.high}")
         return self
 
+    def admits(self, value: Any) -> bool:
+        """Whether ``value`` lies in this dimension (a points_to_evaluate entry)."""
+        if self.type == "categorical":
+            return value in (self.values or [])
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.type == "int" and not float(value).is_integer():
+            return False
+        return float(self.low) <= value <= float(self.high)  # type: ignore[arg-type]
+
+    def allowed(self) -> str:
+        """The dimension in words, for errors."""
+        if self.type == "categorical":
+            return "one of " + ", ".join(json.dumps(v) for v in self.values or [])
+        return f"{self.type} in [{self.low}, {self.high}]"
+
     def corners(self) -> list[Any]:
         """The extreme values (or every categorical value): what must form valid trials."""
         if self.type == "categorical":
@@ -138,6 +155,10 @@ class SearchSpec(_Strict):
     num_samples: int = Field(..., ge=1)
     seed: int = 0
     params: dict[str, ParamSpec]
+    points_to_evaluate: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="points run first, each a value for every param (e.g. a reference trial)",
+    )
     asha: AshaSpec | None = None
 
     @field_validator("metric")
@@ -153,6 +174,33 @@ class SearchSpec(_Strict):
         if not params:
             raise ValueError("a search needs at least one parameter")
         return params
+
+    @field_validator("points_to_evaluate")
+    @classmethod
+    def _points_in_space(
+        cls, points: list[dict[str, Any]], info: ValidationInfo
+    ) -> list[dict[str, Any]]:
+        params: dict[str, ParamSpec] = info.data.get("params") or {}
+        for i, point in enumerate(points):
+            missing = [p for p in params if p not in point]
+            extra = [p for p in point if p not in params]
+            if missing or extra:
+                raise ValueError(
+                    f"[{i}]: give a value for every param and nothing else"
+                    + (f"; missing: {', '.join(missing)}" if missing else "")
+                    + (f"; not a param: {', '.join(extra)}" if extra else "")
+                )
+            for path, value in point.items():
+                if not params[path].admits(value):
+                    raise ValueError(
+                        f"[{i}].{path}: {value!r} is outside the param's range "
+                        f"({params[path].allowed()})"
+                    )
+        if len(points) > info.data.get("num_samples", len(points)):
+            raise ValueError(
+                f"{len(points)} points exceed num_samples ({info.data['num_samples']})"
+            )
+        return points
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from samstudy.study.searchspace import initial_points
 from samstudy.study.spec import StudySpec
 from samstudy.study.worker import REPORT_BATCH_S, trainable
 
@@ -113,7 +114,8 @@ def tune_config(study: StudySpec, reuse_actors: bool) -> Any:
         if search.algorithm == "tpe"
         else optuna.samplers.RandomSampler(seed=search.seed)
     )
-    searcher: Any = OptunaSearch(sampler=sampler)
+    points = initial_points(study) or None  # e.g. the reference trial the report compares with
+    searcher: Any = OptunaSearch(sampler=sampler, points_to_evaluate=points)
     if study.max_concurrent:
         searcher = ConcurrencyLimiter(searcher, max_concurrent=study.max_concurrent)
     scheduler = None
