@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 NAME   ?= quickstart
 ARGS   ?=
 
-.PHONY: setup test test-fast lint docs bench study plan status stop ui export summarize report train clean-results
+.PHONY: setup test test-fast lint docs bench study plan smoke status stop ui export summarize report train clean-results
 
 setup: $(STAMP)
 
@@ -37,6 +37,9 @@ study: $(STAMP)
 
 plan: $(STAMP)
 	$(PY) -m samstudy plan $(NAME) $(ARGS)
+
+smoke: $(STAMP)
+	$(PY) -m samstudy smoke $(NAME) $(ARGS)
 
 status: $(STAMP)
 	$(PY) -m samstudy status $(NAME) $(ARGS)

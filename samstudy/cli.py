@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("samstudy.train.cli", "main", "run one trial from a config file"),
     "plan": ("samstudy.study.cli", "plan_main", "validate a study and print its trial table"),
     "study": ("samstudy.study.cli", "study_main", "run (or resume) a study with Ray Tune + MLflow"),
+    "smoke": ("samstudy.study.cli", "smoke_main", "a few steps of each trial type: time, memory"),
     "ui": ("samstudy.study.cli", "ui_main", "open the MLflow UI on 127.0.0.1"),
     "status": ("samstudy.study.cli", "status_main", "where a study stands (from MLflow), with ETA"),
     "stop": ("samstudy.study.cli", "stop_main", "stop a running study from any shell (resumable)"),

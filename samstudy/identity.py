@@ -1,7 +1,10 @@
 """What identifies a trial and a variant, decided once: config hashes, run names, variant labels.
 
-* ``trial_id``: 12 hex digits of the sha256 of a trial config's canonical JSON (the whole dumped
-  ``TrialConfig``). A study's trials are keyed by it from Ray Tune to MLflow to Parquet.
+* ``trial_id``: 12 hex digits of the sha256 of a trial config's canonical JSON (the dumped
+  ``TrialConfig`` without the placement fields, :data:`PLACEMENT_PATHS`: moving a study to
+  other data folders, threads or devices resumes the same trials). A study's trials are keyed
+  by it from Ray Tune to MLflow to Parquet. Versions up to commit f069e68 hashed the whole
+  config (:func:`config_trial_id`); the runner still resumes studies they started.
 * ``variant_id``: the same hash of the config without its seed and without the fields that say
   where or how fast a trial runs (:data:`PLACEMENT_PATHS`): the runs of one variant differ only
   in their seed. ``variant``: its readable label, the run name without the seed
@@ -71,8 +74,21 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:12]
 
 
+def without_placement(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` without the placement fields (:data:`PLACEMENT_PATHS`)."""
+    out = copy.deepcopy(dict(config))
+    for path in PLACEMENT_PATHS:
+        _without(out, path)
+    return out
+
+
 def trial_id(config: Mapping[str, Any]) -> str:
-    """Stable short id of a full trial config."""
+    """Stable short id of a trial config: the hash of its fields but the placement ones."""
+    return config_hash(without_placement(config))
+
+
+def config_trial_id(config: Mapping[str, Any]) -> str:
+    """The trial id of versions up to commit f069e68: the hash of the whole config."""
     return config_hash(config)
 
 

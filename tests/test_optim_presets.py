@@ -79,14 +79,34 @@ def test_registering_after_the_config_is_built_is_refused() -> None:
 
 
 def test_shipped_studies_keep_their_trial_ids() -> None:
-    """Trial ids and run names of every shipped study as the previous (untyped) version made
-    them: a study started before the optimizer config was typed resumes with the same trials."""
+    """Trial configs and run names of every shipped study as the previous (untyped) version
+    made them, by the whole-config ids of that time (``config_trial_id``; the runner resumes a
+    study those ids keyed): a study started before the optimizer config was typed resumes with
+    the same trials."""
+    from samstudy.identity import config_trial_id
     from samstudy.study import load_study
 
     before = json.loads(SHIPPED_IDS.read_text())
     for study, trials in before.items():
-        now = {t.trial_id: t.name for t in load_study(study, ROOT / "studies").expand()}
+        expanded = load_study(study, ROOT / "studies").expand()
+        now = {config_trial_id(t.config): t.name for t in expanded}
         assert now == trials, study
+
+
+def test_placement_fields_are_not_part_of_a_trial_id() -> None:
+    """Where a trial runs (data folder, workers, threads, device, checkpoint cadence) is not
+    what it computes: the id stays; any other field changes it."""
+    from samstudy.identity import PLACEMENT_PATHS
+
+    config = TrialConfig.model_validate({"optimizer": {"name": "sam"}}).model_dump(mode="json")
+    moved = json.loads(json.dumps(config))
+    moved.update(device="cuda:1", threads=7, checkpoint_every=3)
+    moved["data"].update(root="/mnt/elsewhere", num_workers=5, download=True)
+    assert {"device", "threads", "checkpoint_every", "data.root"} <= set(PLACEMENT_PATHS)
+    assert trial_id(moved) == trial_id(config)
+    for path, value in (("epochs", 7), ("seed", 9), ("batch_size", 32)):
+        assert trial_id({**config, path: value}) != trial_id(config), path
+    assert trial_id({**config, "data": {**config["data"], "name": "cifar10"}}) != trial_id(config)
 
 
 def test_identity_of_a_config() -> None:

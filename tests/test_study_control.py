@@ -104,10 +104,23 @@ def test_status_and_stop_from_another_shell_then_resume(tmp_path: Path) -> None:
     stop = samstudy("stop", str(path))  # the CLI, once the driver is gone
     assert stop.returncode == 0 and "no driver is running" in stop.stdout, stop.stdout
 
-    again = samstudy("study", str(path), "--num-cpus", "2", timeout=600)
+    before = {
+        r.data.tags["samstudy.trial_id"]: r.info.run_id
+        for r in runs
+        if "samstudy.trial_id" in r.data.tags
+    }
+    # where it runs is not what it computes: with other threads, workers and checkpoint
+    # cadence the same trials resume (an identity field would make other trials, refused)
+    moved = ["--set", "threads=2", "--set", "data.num_workers=0", "--set", "checkpoint_every=3"]
+    again = samstudy("study", str(path), "--num-cpus", "2", *moved, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming study ctl: 2 trials" in again.stdout, again.stdout
     trials = client.search_runs([experiment.experiment_id], "tags.`samstudy.role` = 'trial'")
-    assert len(trials) == 2
+    assert {r.data.tags["samstudy.trial_id"]: r.info.run_id for r in trials} == before
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`samstudy.role` = 'parent'")
+    assert json.loads(parent.data.tags["samstudy.set"]) == [m for m in moved if m != "--set"]
+    refused = samstudy("study", str(path), "--set", "optimizer.rho=0.1")
+    assert refused.returncode != 0 and "--set" in refused.stdout + refused.stderr
     for run in trials:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
         assert sorted(steps) == list(range(1, EPOCHS + 1))

@@ -161,16 +161,19 @@ class _DropEarlierEpochs(Callback):
 class TrialResolver:
     """Tune trial -> samstudy trial dict, cached per Tune trial id."""
 
-    def __init__(self, study: StudySpec, root: Path | None = None) -> None:
+    def __init__(
+        self, study: StudySpec, root: Path | None = None, config_ids: bool = False
+    ) -> None:
         self.study = study
         self.root = root
+        self.config_ids = config_ids  # see resolve_trial
         self._cache: dict[str, dict[str, Any]] = {}
 
     def __call__(self, config: Mapping[str, Any], tune_trial_id: str) -> dict[str, Any]:
         if tune_trial_id not in self._cache:
             search = "trial" not in config
             self._cache[tune_trial_id] = resolve_trial(
-                config, self.study, tune_trial_id if search else None, self.root
+                config, self.study, tune_trial_id if search else None, self.root, self.config_ids
             )
         return self._cache[tune_trial_id]
 

@@ -226,6 +226,39 @@ def _study_target(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[Any
         raise SystemExit(2) from None
 
 
+def smoke_main(argv: list[str]) -> int:
+    """``samstudy smoke NAME``: each distinct trial type of the study (model, data, optimizer
+    variant, batch size, precision; one seed) runs a few steps and one evaluation where the study
+    runs (this machine, or the cluster at ``RAY_ADDRESS``), in a throw-away process: step time,
+    samples/s, peak memory and the first error per type, then the study's cost from these.
+    Nothing is written to the study's MLflow experiment or Ray storage; the result is kept in
+    results/smoke/NAME.json for `plan`. Exit status 1 when a type fails, 2 for a bad file."""
+    from samstudy.study.smoke import DEFAULT_STEPS, format_smoke, run_smoke, save_smoke
+
+    parser = argparse.ArgumentParser(prog="samstudy smoke", description=smoke_main.__doc__)
+    parser.add_argument("name", help="study name (studies/NAME.yaml) or path to a study file")
+    parser.add_argument("--studies-dir", help="folder of study files (default: ./studies)")
+    parser.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help="timed training steps per type"
+    )
+    parser.add_argument("--address", help="Ray cluster (default: $RAY_ADDRESS, else local)")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
+    _add_set(parser)
+    args = parser.parse_args(argv)
+    try:
+        spec = load_study(args.name, studies_dir(args.studies_dir), args.overrides)
+    except StudyError as exc:
+        print(f"samstudy smoke: {redact(exc)}", file=sys.stderr)
+        return 2
+    if args.steps < 1:
+        print("samstudy smoke: --steps must be at least 1", file=sys.stderr)
+        return 2
+    result = run_smoke(spec, steps=args.steps, address=args.address, num_cpus=args.num_cpus)
+    print(format_smoke(result))
+    print(f"saved to {save_smoke(result)}")
+    return 0 if result.ok else 1
+
+
 def status_main(argv: list[str]) -> int:
     """``samstudy status NAME``: trials pending, running (epoch, node), done, failed (with the
     error), diverged, and an ETA, read from MLflow: any shell that reaches the tracking store."""

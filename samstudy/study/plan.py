@@ -288,6 +288,10 @@ def format_plan(spec: StudySpec) -> str:
         detail = f" ({configs} configurations x {len(seeds)} seeds)" if seeds else ""
         lines.append(f"{len(trials)} trials{detail}")
     lines.append(cost.summary())
+    from samstudy.study.smoke import load_smoke, measured_cost_line
+
+    smoke, why = load_smoke(spec)
+    lines.append(measured_cost_line(smoke) if smoke is not None and smoke.ok else why)
     from samstudy.study.disk import estimate_disk
 
     # On this machine, the trials that fit at once; elsewhere max_concurrent or every trial.

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from samstudy import tags
+from samstudy.identity import config_trial_id
 from samstudy.paths import project_root, redact
 from samstudy.settings import tracking_target
 from samstudy.study import callbacks as _callbacks
@@ -129,8 +130,8 @@ def run_study(
     out = out or sys.stdout
     root = root or project_root()
     started = time.monotonic()
-    trials = study.expand() if study.search is None else []
-    trials = [dataclasses.replace(t, config=absolute_paths(t.config, root)) for t in trials]
+    expanded = study.expand() if study.search is None else []
+    trials = [dataclasses.replace(t, config=absolute_paths(t.config, root)) for t in expanded]
     uri, experiment = tracking_target(study.name, tracking_uri, None, study.tracking, root)
     storage = resolve_storage_path(storage_path or study.storage_path, root)
     path = experiment_path(storage, study.name)
@@ -138,7 +139,10 @@ def run_study(
     fingerprint = study_fingerprint(study, trials)
     spool = spool_path(path, study.name, root)
 
-    state = None if fresh else load_state(files, study, trials, fingerprint)
+    state = None if fresh else load_state(files, study, expanded, fingerprint)
+    if state is not None and state.get("config_ids"):  # started by a version up to f069e68
+        ids = [config_trial_id(t.config) for t in expanded]
+        trials = [dataclasses.replace(t, trial_id=i) for t, i in zip(trials, ids, strict=True)]
     tracker = StudyTracker(
         uri,
         study.name,
@@ -189,7 +193,7 @@ def run_study(
                 state["max_failures"] = max_failures
                 state["own_loggers"] = True  # run_config_callbacks(): the JSON logger only
             save_state(files, state)
-            resolver = TrialResolver(study, root)
+            resolver = TrialResolver(study, root, bool(state.get("config_ids")))
             # Tune restores the retries an experiment started with; so does the book.
             book = FailureBook(int(state.get("max_failures", max_failures)))
             tracking = TrackingCallback(tracker, resolver, book)

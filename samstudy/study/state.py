@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from samstudy import tags
+from samstudy.identity import config_trial_id, without_placement
 from samstudy.paths import (  # noqa: F401 - where a study's files live (re-exported)
     SPOOL_FILE,
     experiment_path,
@@ -93,13 +94,20 @@ class ExperimentFiles:
 # -- may it resume ---------------------------------------------------------------------------
 
 
-def _fingerprint_payload(study: StudySpec, trials: Sequence[TrialSpec]) -> Any:
+def _fingerprint_payload(
+    study: StudySpec, trials: Sequence[TrialSpec], placement: bool = False
+) -> Any:
+    """Trial ids (grid) or the search; ``placement``: with the base's placement fields, as
+    versions up to commit f069e68 hashed it."""
     if study.search is None:
         return sorted(t.trial_id for t in trials)
-    return {
-        "base": study.base.model_dump(mode="json"),
-        "search": study.search.model_dump(mode="json"),
-    }
+    base = study.base.model_dump(mode="json")
+    if not placement:
+        base = without_placement(base)
+    search = study.search.model_dump(mode="json")
+    if not search["points_to_evaluate"]:  # a later field: without it, as before it existed
+        del search["points_to_evaluate"]
+    return {"base": base, "search": search}
 
 
 def _hash(payload: Any) -> str:
@@ -128,10 +136,18 @@ def _earlier_fingerprints(study: StudySpec, trials: Sequence[TrialSpec]) -> set[
     raw = study.base_raw.get("optimizer") or {}
     if study.search is None or not isinstance(raw, dict):
         return set()
+    payload = _fingerprint_payload(study, trials, placement=True)
+    found = {_hash(payload)}  # up to commit f069e68: placement fields in the base
     written = {**_EARLIER_DEFAULTS, **raw}
-    payload = _fingerprint_payload(study, trials)
     payload["base"]["optimizer"] = {**_EARLIER_RECIPE.get(written["base"], {}), **written}
-    return {_hash(payload)}
+    return found | {_hash(payload)}
+
+
+def config_id_fingerprint(trials: Sequence[TrialSpec]) -> str:
+    """A grid study's fingerprint as versions up to commit f069e68 computed it: from trial ids
+    that hashed the whole config (``identity.config_trial_id``; ``trials`` as expanded, before
+    the runner makes their paths absolute)."""
+    return _hash(sorted(config_trial_id(t.config) for t in trials))
 
 
 def load_state(
@@ -145,6 +161,10 @@ def load_state(
         return state
     if state.get("fingerprint") in _earlier_fingerprints(study, trials):
         state["fingerprint"] = fingerprint  # the same study, as an earlier version saw it
+        state["config_ids"] = True  # its sampled trials keep whole-config ids (TrialResolver)
+        return state
+    if study.search is None and state.get("fingerprint") == config_id_fingerprint(trials):
+        state["config_ids"] = True  # its trials keep the ids they started with (runner)
         return state
     earlier_set = state.get("overrides", [])
     if earlier_set != study.overrides:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from samstudy.identity import PLACEMENT_PATHS, config_trial_id
 from samstudy.paths import absolute_path, project_root
 from samstudy.study.failures import ERROR, Failure, describe
 from samstudy.study.searchspace import decode_overrides
@@ -199,23 +200,52 @@ def absolute_paths(config: Mapping[str, Any], root: Path) -> dict[str, Any]:
     return out
 
 
+def current_placement(trial: Mapping[str, Any], study: StudySpec, root: Path) -> dict[str, Any]:
+    """The trial's config with the placement fields (``identity.PLACEMENT_PATHS``: data folder,
+    threads, device ...) as the study has them now (its file and ``--set``), so a resumed trial
+    runs where the rerun says; a field the trial itself varies keeps its own value."""
+    config = copy.deepcopy(dict(trial["config"]))
+    base = study.base.model_dump(mode="json")
+    varied = trial.get("overrides") or {}
+    for path in PLACEMENT_PATHS:
+        if any(k == path or k.startswith(path + ".") for k in varied):
+            continue
+        *parents, leaf = path.split(".")
+        source, target = base, config
+        for key in parents:
+            source, target = source.get(key), target.get(key)
+            if not isinstance(source, dict) or not isinstance(target, dict):
+                break
+        else:
+            if leaf in source:
+                target[leaf] = source[leaf]
+    return absolute_paths(config, root)
+
+
 def resolve_trial(
     config: Mapping[str, Any],
     study: StudySpec | None,
     tune_trial_id: str | None = None,
     root: Path | None = None,
+    config_ids: bool = False,
 ) -> dict[str, Any]:
     """The samstudy trial (plain dict) behind a Tune trial's config.
 
     A search study's sampled points may repeat, so its trial ids get the Tune trial id appended:
-    every sample keeps its own MLflow run.
+    every sample keeps its own MLflow run. ``config_ids``: a search started by a version whose
+    ids hashed the whole config (``identity.config_trial_id``) keeps them.
     """
     if "trial" in config:  # from_dict: a trial of an older version gets its variant
-        return TrialSpec.from_dict(dict(config["trial"])).to_dict()
+        trial = TrialSpec.from_dict(dict(config["trial"])).to_dict()
+        if study is not None:  # Tune restores the config a trial started with
+            trial["config"] = current_placement(trial, study, root or project_root())
+        return trial
     if study is None:  # run_study always passes it: a programming error, not a user's
         raise ValueError("a search trial needs its study spec")
     overrides = decode_overrides(study, dict(config["overrides"]))
     trial = study.trial_from_overrides(overrides).to_dict()
+    if config_ids:  # a study started by a version up to commit f069e68
+        trial["trial_id"] = config_trial_id(trial["config"])
     trial["config"] = absolute_paths(trial["config"], root or project_root())
     if tune_trial_id:
         trial["trial_id"] = f"{trial['trial_id']}-{tune_trial_id}"

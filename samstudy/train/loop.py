@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from samstudy.data import build_data, resolve_device
+from samstudy.identity import PLACEMENT_PATHS
 from samstudy.models import create_model
 from samstudy.optim import create_optimizer
 from samstudy.train.checkpoint import (
@@ -37,9 +38,10 @@ Report = Callable[[dict[str, Any], dict[str, Any] | None], None]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 EVAL_BATCH_SIZE = 512
-# Config fields that may differ between a checkpoint and the run resuming it: they do not change
-# the trajectory (threads, checkpoint cadence) or only say where to run it.
-RESUME_MAY_DIFFER = frozenset({"threads", "checkpoint_every", "device"})
+# Config fields (dotted) that may differ between a checkpoint and the run resuming it: they do not
+# change the trajectory (threads, checkpoint cadence, loader workers) or only say where to run it
+# (device, data folder): the placement fields that are no part of a trial's id.
+RESUME_MAY_DIFFER = frozenset(PLACEMENT_PATHS)
 
 
 def autocast_context(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
@@ -149,7 +151,7 @@ def _config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) ->
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             for key in sorted(set(a) | set(b)):
                 dotted = f"{path}.{key}" if path else str(key)
-                if not path and key in RESUME_MAY_DIFFER:
+                if dotted in RESUME_MAY_DIFFER:
                     continue
                 yield from walk(a.get(key), b.get(key), dotted)
         elif isinstance(a, list | tuple) and isinstance(b, list | tuple):
