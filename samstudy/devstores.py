@@ -1,5 +1,5 @@
-"""Throwaway local stores for tests and benchmarks: a PostgreSQL cluster in a temporary folder and
-an ``mlflow server``, both listening on 127.0.0.1 only.
+"""Throwaway local stores for tests and benchmarks: a PostgreSQL cluster in a temporary folder, an
+``mlflow server`` and an S3 API server (moto), all listening on 127.0.0.1 only.
 
 PostgreSQL refuses to run as root: as root, :class:`LocalPostgres` runs ``initdb`` / ``pg_ctl``
 as the unprivileged system user ``samstudy-pg`` (created with ``useradd`` when missing); as any
@@ -8,7 +8,12 @@ other user, as that user. The cluster takes password authentication over TCP (th
 place for real data. :class:`PostgresUnavailable` says why a cluster cannot start (no
 binaries, no driver, no user), so that tests can skip with the reason.
 
-Only the standard library is imported at module level (``psycopg`` and MLflow on first use).
+:class:`LocalS3` runs ``moto``'s S3 server (the ``moto[server]`` dev extra) in its own process
+group; :class:`S3Unavailable` says why it cannot start. Its keys are made up (moto takes any);
+tests put them in the environment, where samstudy reads S3 credentials.
+
+Only the standard library is imported at module level (``psycopg``, MLflow and pyarrow on
+first use).
 """
 
 from __future__ import annotations
@@ -290,3 +295,102 @@ class MlflowServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.process = None
+
+
+class S3Unavailable(RuntimeError):
+    """A local S3 API server cannot run here; the message says why."""
+
+
+class LocalS3:
+    """moto's S3 API server on 127.0.0.1 in its own process group (``start`` / ``stop``).
+
+    :attr:`env` holds made-up keys (``AWS_SECRET_ACCESS_KEY`` is ``s3Secret-`` and random hex,
+    easy to look for in output) and :attr:`endpoint` the URL for ``AWS_ENDPOINT_URL``.
+    """
+
+    def __init__(self, port: int | None = None, log: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.log = log
+        self.secret = "s3Secret-" + secrets.token_hex(12)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Credentials and region for the server (the standard AWS variables)."""
+        return {
+            "AWS_ACCESS_KEY_ID": "AKIASAMSTUDYTEST",
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def start(self, timeout: float = 60.0) -> LocalS3:
+        """Start the server and wait until it answers; :class:`S3Unavailable` when it cannot."""
+        try:
+            import moto.server  # noqa: F401 - only its presence is checked here
+        except ImportError:
+            raise S3Unavailable(
+                "moto[server] is not installed (`make setup` installs the dev extras)"
+            ) from None
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self.process = subprocess.Popen(
+                command, start_new_session=True, stdout=out, stderr=subprocess.STDOUT
+            )
+        finally:
+            if self.log:
+                out.close()  # type: ignore[union-attr]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                code = self.process.returncode
+                self.process = None
+                raise S3Unavailable(f"moto's S3 server exited with {code} on {self.endpoint}")
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2):
+                    return self
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise S3Unavailable(f"moto's S3 server on {self.endpoint} not ready after {timeout} s")
+
+    def filesystem(self) -> Any:
+        """A pyarrow S3 filesystem on this server that may create and delete buckets."""
+        import pyarrow.fs
+
+        env = self.env
+        return pyarrow.fs.S3FileSystem(
+            access_key=env["AWS_ACCESS_KEY_ID"],
+            secret_key=env["AWS_SECRET_ACCESS_KEY"],
+            region=env["AWS_DEFAULT_REGION"],
+            endpoint_override=f"127.0.0.1:{self.port}",
+            scheme="http",
+            allow_bucket_creation=True,
+            allow_bucket_deletion=True,
+        )
+
+    def create_bucket(self, name: str) -> str:
+        """Create bucket ``name``; returns ``s3://name``."""
+        self.filesystem().create_dir(name)
+        return f"s3://{name}"
+
+    def stop(self) -> None:
+        """SIGTERM to its process group (SIGKILL after 10 s)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> LocalS3:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -291,7 +291,8 @@ def stop_main(argv: list[str]) -> int:
     parser.add_argument("--storage-path", help="the study's storage (default: as `samstudy study`)")
     args, spec = _study_target(parser, argv)
     storage = resolve_storage_path(args.storage_path or spec.storage_path)
-    print(f"samstudy stop: {request_stop(ExperimentFiles(experiment_path(storage, spec.name)))}")
+    files = ExperimentFiles(experiment_path(storage, spec.name), spec.storage_endpoint)
+    print(f"samstudy stop: {request_stop(files)}")
     return 0
 
 

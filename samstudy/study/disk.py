@@ -73,8 +73,9 @@ class DiskEstimate:
         """One line for ``plan``."""
         kept = f"the last {self.keep}" if self.keep > 1 else "the last"
         final = "the final one" if self.keep_final else "none"
+        kind = "storage" if "://" in storage else "disk"  # a bucket (s3://) has no disk to fill
         return (
-            f"disk for checkpoints at peak: ~{_size(self.peak_bytes)} in {storage} "
+            f"{kind} for checkpoints at peak: ~{_size(self.peak_bytes)} in {storage} "
             f"({_size(self.largest_checkpoint)} per checkpoint of the largest trial; "
             f"{self.running} trials at once keep {kept} each, finished trials keep {final})"
         )

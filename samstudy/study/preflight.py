@@ -4,7 +4,10 @@ Each refusal names the study file, the field, what was found and the fix. The ch
 
 * ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` and agrees with ``resources.gpus``
   (:func:`static_problems`, no Ray, no torch);
-* ``storage_path`` in the study file is absolute or a URI;
+* ``storage_path`` in the study file is absolute or a URI, and ``storage_endpoint`` goes with
+  an ``s3://`` one;
+* storage: an ``s3://`` storage path's bucket answers at its endpoint and takes a small probe
+  object, written and deleted (:func:`storage_problem`);
 * resources: a trial's CPUs and GPUs exist on at least one node of the cluster (or on this
   machine), with the concurrency they allow (:func:`resource_problems`);
 * data: every file a trial reads is where the trials run: on this machine, or on every node of
@@ -18,12 +21,14 @@ from __future__ import annotations
 import math
 import os
 import re
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from samstudy.paths import absolute_path, is_uri, redact
+from samstudy.study.storage import S3, filesystem, resolve_endpoint
 
 if TYPE_CHECKING:
     from samstudy.study.spec import StudySpec
@@ -66,7 +71,60 @@ def static_problems(spec: StudySpec) -> list[str]:
             f"storage_path: {storage!r} is relative; Tune needs an absolute path or a URI "
             f"(e.g. {absolute_path(storage)} or s3://bucket/samstudy)"
         )
+    if spec.storage_endpoint and storage is not None and not storage.startswith(S3):
+        lines.append(
+            f"storage_endpoint: {spec.storage_endpoint!r} is for an s3:// storage_path, but "
+            f"storage_path is {storage!r}; remove storage_endpoint or use s3://BUCKET/PREFIX"
+        )
     return lines
+
+
+# -- storage ----------------------------------------------------------------------------------
+
+
+def storage_problem(storage: str | None, study_endpoint: str | None = None) -> str | None:
+    """None when ``storage`` is not on S3, or its bucket answers and a probe object can be
+    written and deleted there; else the problem and the fix (credentials never shown)."""
+    import pyarrow.fs
+
+    if storage is None or not storage.startswith(S3):
+        return None
+    where = resolve_endpoint(study_endpoint).describe()
+    bucket = storage[len(S3) :].split("/", 1)[0]
+    step = "reach"
+    try:
+        fs, base = filesystem(storage, study_endpoint, probe=True)
+        if fs.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound:
+            return (
+                f"storage_path: the bucket {bucket!r} of {storage} does not exist at {where}; "
+                f"create it (e.g. `aws s3 mb s3://{bucket}`), or fix storage_path, or point "
+                "storage_endpoint / AWS_ENDPOINT_URL at the store that has it"
+            )
+        step = "write to"
+        probe = f"{base}/.samstudy-preflight-{uuid.uuid4().hex[:12]}"
+        with fs.open_output_stream(probe) as stream:
+            stream.write(b"samstudy pre-flight probe; safe to delete\n")
+        fs.delete_file(probe)
+    except Exception as exc:  # noqa: BLE001 - any failure is reported the same way
+        text = " ".join(str(exc).split())[:300]
+        return f"storage_path: cannot {step} {storage} at {where} ({type(exc).__name__}: " + (
+            f"{redact(text)}); {_storage_fix(text)}"
+        )
+    return None
+
+
+def _storage_fix(text: str) -> str:
+    """What to do about an S3 error, from its text."""
+    upper = text.upper()
+    if any(k in upper for k in ("NETWORK_CONNECTION", "COULD NOT CONNECT", "TIMEOUT", "RESOLVE")):
+        return (
+            "start the store, or set storage_endpoint in the study file or AWS_ENDPOINT_URL "
+            "(AWS_ENDPOINT_URL_S3) to where it listens"
+        )
+    return (
+        "check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
+        "~/.aws/credentials, or the instance role) and that they may write to the bucket"
+    )
 
 
 # -- resources ------------------------------------------------------------------------------
@@ -126,8 +184,7 @@ def resource_problems(spec: StudySpec, capacity: Capacity) -> tuple[list[str], s
     if not fits:
         have = ", ".join(f"{n}: {c:g} CPU, {g:g} GPU" for n, c, g in capacity.nodes)
         fix = (
-            "lower resources.cpus / resources.gpus, or run on a cluster that has them "
-            "(RAY_ADDRESS)"
+            "lower resources.cpus / resources.gpus, or run on a cluster that has them (RAY_ADDRESS)"
             if capacity.where == "this machine"
             else "lower resources.cpus / resources.gpus, or add nodes that have them"
         )
@@ -281,17 +338,27 @@ def raise_if(path: Path, lines: Sequence[str]) -> None:
 
 
 def environment_problems(
-    spec: StudySpec, uri: str, experiment: str, cluster: str | None, ray_up: bool = False
+    spec: StudySpec,
+    uri: str,
+    experiment: str,
+    cluster: str | None,
+    ray_up: bool = False,
+    check_storage: bool = True,
 ) -> tuple[list[str], list[str]]:
-    """(problems, notes) of the resources, data and tracking checks. ``cluster``: the address
-    of the Ray cluster, None for this machine; ``ray_up``: Ray is connected (then its view of
-    the nodes is used, and data is checked by a task on each node of a cluster)."""
+    """(problems, notes) of the resources, data, storage and tracking checks. ``cluster``: the
+    address of the Ray cluster, None for this machine; ``ray_up``: Ray is connected (then its
+    view of the nodes is used, and data is checked by a task on each node of a cluster);
+    ``check_storage``: probe the study file's ``storage_path`` (the runner probes the one it
+    uses before it reads anything there)."""
     if ray_up:
         capacity = cluster_capacity(f"the Ray cluster at {cluster}" if cluster else "this machine")
     else:
         capacity = local_capacity()
     problems, concurrency = resource_problems(spec, capacity)
     problems += data_problems(spec, on_cluster=ray_up and cluster is not None)
+    storage = storage_problem(spec.storage_path, spec.storage_endpoint) if check_storage else None
+    if storage:
+        problems.append(storage)
     tracking = tracking_problem(uri, experiment)
     if tracking:
         problems.append(tracking)

@@ -84,8 +84,10 @@ class ProgressCallback(Callback):
         self.counts[status] = self.counts.get(status, 0) + 1
         took = time.monotonic() - self._started.get(trial.trial_id, time.monotonic())
         if failure is not None:
-            why = "not retried: it cannot succeed on retry" if not failure.retryable else (
-                f"after {trial.run_metadata.num_failures} attempts"
+            why = (
+                "not retried: it cannot succeed on retry"
+                if not failure.retryable
+                else (f"after {trial.run_metadata.num_failures} attempts")
             )
             self._print(
                 f"{status:<10}{self._label(trial)}  {failure.summary} ({why}; traceback: "

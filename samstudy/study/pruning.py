@@ -1,48 +1,114 @@
-"""Deleting a finished trial's checkpoints (``checkpoints.keep_final: false``, the default).
+"""Deleting checkpoints only once Tune's saved state in the storage no longer needs them.
 
-A finished trial's metrics are in MLflow and its checkpoints are most of a long study's disk
-(a ResNet-18 trial with momentum: ~90 MB each). They go only once Tune's own saved state, the
-``experiment_state-*.json`` in the storage that a resume reads, records the trial as finished:
-a driver killed before that would otherwise resume the trial from a checkpoint that is gone.
+* A finished trial's checkpoints (``checkpoints.keep_final: false``, the default): its metrics
+  are in MLflow and its checkpoints are most of a long study's disk (a ResNet-18 trial with
+  momentum: ~90 MB each). They go only once Tune's own saved state, the
+  ``experiment_state-*.json`` in the storage that a resume reads, records the trial as
+  finished: a driver killed before that would otherwise resume the trial from a checkpoint that
+  is gone.
+* On a URI (S3), a running trial's older checkpoints too: Tune deletes the one before its last
+  ``checkpoints.keep`` as soon as it registers a newer one, but uploads its state in the
+  background, so for a moment the state in the bucket names a checkpoint that is gone, and a
+  driver killed then leaves a trial that cannot resume. :meth:`CheckpointPruner.deferring`
+  holds those deletions (Tune's ``_delete_fs_path`` on the driver) until the state in the
+  storage no longer names the checkpoint. (A local folder takes the state in milliseconds.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import re
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ray.tune import Callback
 
 from samstudy.study.state import ExperimentFiles
 
+logger = logging.getLogger(__name__)
+
 CHECK_EVERY_S = 5.0
+# Tune keeps each trial's checkpoint list pickled (hex) inside its JSON state; the paths are
+# plain strings in the pickle.
+_HEX = re.compile(r"[0-9a-f]{40,}")
 
 
 class CheckpointPruner(Callback):
-    """Deletes the ``checkpoint_*`` folders of trials that finished and that Tune's saved
-    experiment state records as ``TERMINATED``; :meth:`prune` runs once more after ``fit``."""
+    """Deletes checkpoints once Tune's saved experiment state lets it (module docstring):
+    ``finished``: the ``checkpoint_*`` folders of trials recorded as ``TERMINATED``; ``defer``:
+    the ones Tune deletes while it runs (see :meth:`deferring`). :meth:`prune` runs once more
+    after ``fit`` (``final=True``). The deletions run in a thread of their own: on S3 each takes
+    a few requests, which Tune's loop would otherwise wait for."""
 
-    def __init__(self, files: ExperimentFiles) -> None:
+    def __init__(self, files: ExperimentFiles, finished: bool = True, defer: bool = False) -> None:
         self.files = files
+        self.finished, self.defer = finished, defer
         self._pending: dict[str, Any] = {}  # Tune trial id -> Tune trial, finished
-        self._seen: tuple[str, Any] | None = None  # the state file last read, and its mtime
+        self._deferred: list[tuple[Any, str]] = []  # (filesystem, path) Tune deleted
+        self._seen: tuple[str, Any, Any] | None = None  # the state file last read
         self._checked = 0.0
+        self._executor: ThreadPoolExecutor | None = None
+        self._running: list[Future] = []
 
     def on_trial_complete(self, trial: Any, **info: Any) -> None:
-        self._pending[trial.trial_id] = trial
+        if self.finished:
+            self._pending[trial.trial_id] = trial
 
     def on_step_end(self, **info: Any) -> None:
-        if self._pending and time.monotonic() - self._checked >= CHECK_EVERY_S:
+        if (self._pending or self._deferred) and time.monotonic() - self._checked >= CHECK_EVERY_S:
             self.prune()
 
-    def prune(self) -> int:
-        """Delete what is safe to delete now; returns the number of trials pruned."""
+    @contextlib.contextmanager
+    def deferring(self) -> Iterator[None]:
+        """While Tune runs: its deletions of checkpoints in this experiment wait here (with
+        ``defer``; otherwise they happen at once)."""
+        from ray.train._internal import checkpoint_manager
+
+        delete = getattr(checkpoint_manager, "_delete_fs_path", None)
+        if not self.defer or delete is None:
+            if self.defer:  # a Ray that deletes otherwise: its own timing, as on a local disk
+                logger.warning("this Ray's checkpoint deletions cannot be held (pruning.py)")
+            yield
+            return
+        inside = f"{self.files.base}/"
+
+        def held(fs: Any, fs_path: str) -> None:
+            name = fs_path.rstrip("/").rpartition("/")[2]
+            if fs_path.startswith(inside) and name.startswith("checkpoint_"):
+                self._deferred.append((fs, fs_path))
+            else:
+                delete(fs=fs, fs_path=fs_path)
+
+        checkpoint_manager._delete_fs_path = held
+        try:
+            yield
+        finally:
+            checkpoint_manager._delete_fs_path = delete
+
+    def prune(self, final: bool = False) -> int:
+        """Delete what is safe to delete now; returns the number of deletions started (trials
+        or checkpoints). ``final``: read the state even if it looks unchanged (S3 times have
+        whole seconds), and wait for the deletions to end."""
+        started = self._prune(final)
+        if final:
+            for future in self._running:
+                future.result()
+            self._running.clear()
+            if self._executor is not None:
+                self._executor.shutdown()
+                self._executor = None
+        return started
+
+    def _prune(self, final: bool) -> int:
         self._checked = time.monotonic()
-        if not self._pending:
+        if not self._pending and not self._deferred:
             return 0
         latest = self._latest_state()
-        if latest is None or latest == self._seen:  # Tune rewrites one file per session
+        if latest is None or (latest == self._seen and not final):
             return 0
         self._seen = latest
         text = self.files.read_text(latest[0])
@@ -53,30 +119,64 @@ class CheckpointPruner(Callback):
         except ValueError:  # caught while Tune rewrites it: read it again next time
             self._seen = None
             return 0
-        settled = set()
-        for trial_json, _ in trial_data:
-            record = json.loads(trial_json)
-            if record.get("status") == "TERMINATED":
-                settled.add(record.get("trial_id"))
         pruned = 0
-        for trial_id in sorted(settled & set(self._pending)):
-            _delete_checkpoints(self._pending.pop(trial_id))
-            pruned += 1
+        if self._pending:
+            settled = set()
+            for trial_json, _ in trial_data:
+                record = json.loads(trial_json)
+                if record.get("status") == "TERMINATED":
+                    settled.add(record.get("trial_id"))
+            for trial_id in sorted(settled & set(self._pending)):
+                self._start(_delete_checkpoints, self._pending.pop(trial_id))
+                pruned += 1
+        if self._deferred:
+            named = _named(text)
+            for fs, path in [d for d in self._deferred if d[1].encode() not in named]:
+                self._start(_delete, fs, path)
+                pruned += 1
+            self._deferred = [d for d in self._deferred if d[1].encode() in named]
         return pruned
 
-    def _latest_state(self) -> tuple[str, Any] | None:
-        """Name and modification time of the newest ``experiment_state-*.json``."""
+    def _start(self, delete: Callable[..., None], *args: Any) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="samstudy-prune")
+        self._running = [f for f in self._running if not f.done()]
+        self._running.append(self._executor.submit(_quietly, delete, *args))
+
+    def _latest_state(self) -> tuple[str, Any, Any] | None:
+        """Name, modification time and size of the newest ``experiment_state-*.json``."""
         import pyarrow.fs
 
         if not self.files.exists():
             return None
         selector = pyarrow.fs.FileSelector(self.files.base, recursive=False)
         states = [
-            (info.base_name, info.mtime)
+            (info.base_name, info.mtime, info.size)
             for info in self.files.fs.get_file_info(selector)
             if info.base_name.startswith("experiment_state-") and info.base_name.endswith(".json")
         ]
         return max(states) if states else None  # names carry their session's start time
+
+
+def _named(text: str) -> bytes:
+    """The state's text with its pickled parts decoded: where checkpoint paths are named."""
+    blobs = [bytes.fromhex(h) for h in _HEX.findall(text) if len(h) % 2 == 0]
+    return b"\0".join([text.encode(), *blobs])
+
+
+def _quietly(delete: Callable[..., None], *args: Any) -> None:
+    """A deletion that fails leaves a checkpoint behind, nothing worse: logged, not raised."""
+    try:
+        delete(*args)
+    except Exception:  # noqa: BLE001 - the study goes on either way
+        logger.warning("could not delete old checkpoints %s", args[-1], exc_info=True)
+
+
+def _delete(fs: Any, path: str) -> None:
+    import pyarrow.fs
+
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_dir(path)
 
 
 def _delete_checkpoints(trial: Any) -> None:

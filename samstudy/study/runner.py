@@ -10,13 +10,15 @@
 * ``state``: the Ray experiment lives in ``<storage_path>/<study name>`` (default
   ``<project>/results/ray/NAME``). Running a study again resumes it (``Tuner.restore``,
   unfinished and errored trials continued); a complete study starts nothing; ``fresh=True``
-  deletes the Ray experiment and soft-deletes the study's MLflow runs first;
+  deletes the Ray experiment and soft-deletes the study's MLflow runs first. On a URI Tune gets
+  the storage's filesystem (``storage``: an S3 endpoint, no keys) and paths on it;
 * ``callbacks`` on the driver: MLflow tracking (``tracking.StudyTracker``), the per-trial
   outcome file that decides completeness, and a compact live view.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -42,7 +44,12 @@ from samstudy.study.callbacks import (
 from samstudy.study.cluster import check_storage, init_ray
 from samstudy.study.control import DriverControl
 from samstudy.study.failures import StorageFault, is_storage_error
-from samstudy.study.preflight import environment_problems, raise_if, static_problems
+from samstudy.study.preflight import (
+    environment_problems,
+    raise_if,
+    static_problems,
+    storage_problem,
+)
 from samstudy.study.progress import ProgressCallback
 from samstudy.study.pruning import CheckpointPruner
 from samstudy.study.result import EXIT_CODES, StudyResult
@@ -53,6 +60,7 @@ from samstudy.study.state import (
     RunnerError,
     done_count,
     experiment_path,
+    is_uri,
     load_state,
     new_state,
     outcome,
@@ -135,7 +143,14 @@ def run_study(
     uri, experiment = tracking_target(study.name, tracking_uri, None, study.tracking, root)
     storage = resolve_storage_path(storage_path or study.storage_path, root)
     path = experiment_path(storage, study.name)
-    files = ExperimentFiles(path)
+    if preflight:  # an S3 bucket that does not answer: refused before anything reads it
+        raise_if(study.path, [p for p in [storage_problem(storage, study.storage_endpoint)] if p])
+    files = ExperimentFiles(path, study.storage_endpoint)
+    # A URI goes to Tune with its filesystem (which knows the endpoint) and paths on it.
+    tune_fs = files.fs if is_uri(path) else None
+    tune_storage, tune_path = (
+        (files.base.rpartition("/")[0], files.base) if tune_fs else (storage, path)
+    )
     fingerprint = study_fingerprint(study, trials)
     spool = spool_path(path, study.name, root)
 
@@ -176,7 +191,9 @@ def run_study(
         if preflight:  # before anything is deleted or started
             cluster = address or os.environ.get("RAY_ADDRESS") or None
             problems = static_problems(study)
-            problems += environment_problems(study, uri, experiment, cluster, ray_up=True)[0]
+            problems += environment_problems(
+                study, uri, experiment, cluster, ray_up=True, check_storage=False
+            )[0]
             raise_if(study.path, problems)
         if fresh:  # only now: a refused set-up must not have deleted anything
             files.delete()
@@ -187,7 +204,7 @@ def run_study(
         control: DriverControl | None = None
         fault: StorageFault | None = None
         try:
-            restoring = tune.Tuner.can_restore(path)
+            restoring = tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs)
             if state is None or not restoring:  # nothing to resume: a new outcome record
                 state = new_state(study, fingerprint)
                 state["max_failures"] = max_failures
@@ -204,7 +221,10 @@ def run_study(
             done = done_count(state)
             outcomes = OutcomeCallback(files, state, resolver, book)
             active: list[Any] = [book, tracking, outcomes]  # the book first: it decides retries
-            pruner = None if study.checkpoints.keep_final else CheckpointPruner(files)
+            keep_final = study.checkpoints.keep_final
+            pruner = None
+            if not keep_final or tune_fs is not None:  # on a URI: Tune's deletions wait too
+                pruner = CheckpointPruner(files, finished=not keep_final, defer=tune_fs is not None)
             if pruner is not None:
                 active.append(pruner)
             if progress:
@@ -225,10 +245,15 @@ def run_study(
             # restore too runs without Tune's default loggers (older ones keep them).
             switches = tune_switches(restoring and not state.get("own_loggers"))
             try:
-                with dispatching(active), tune_env(switches), quiet_tune():
+                held = pruner.deferring() if pruner is not None else contextlib.nullcontext()
+                with dispatching(active), tune_env(switches), quiet_tune(), held:
                     if restoring:
                         tuner = tune.Tuner.restore(
-                            path, fn, resume_unfinished=True, resume_errored=True
+                            tune_path,
+                            fn,
+                            resume_unfinished=True,
+                            resume_errored=True,
+                            storage_filesystem=tune_fs,
                         )
                     else:
                         tuner = tune.Tuner(
@@ -237,7 +262,8 @@ def run_study(
                             tune_config=tune_config(study, reuse_actors),
                             run_config=tune.RunConfig(
                                 name=study.name,
-                                storage_path=storage,
+                                storage_path=tune_storage,
+                                storage_filesystem=tune_fs,
                                 failure_config=tune.FailureConfig(max_failures=max_failures),
                                 checkpoint_config=tune.CheckpointConfig(
                                     num_to_keep=study.checkpoints.keep
@@ -248,7 +274,7 @@ def run_study(
                         )
                     tuner.fit()
                 if pruner is not None:  # Tune's final state is saved: the rest is safe now
-                    pruner.prune()
+                    pruner.prune(final=True)
             except Exception as exc:
                 # A trial's checkpoint or the state file (the book saw it; Tune wraps what a
                 # callback raises), or Tune's own writes to the storage.
@@ -265,9 +291,7 @@ def run_study(
                 if outcomes is not None:
                     for trial in outcomes.interrupt():  # runs left resumable, not RUNNING
                         tracker.set_status(trial, tags.INTERRUPTED)
-                    result.failures = {
-                        resolver.of(t)["name"]: f for t, f in outcomes.failed_now()
-                    }
+                    result.failures = {resolver.of(t)["name"]: f for t, f in outcomes.failed_now()}
                 state["complete"] = status == "complete"
                 try:
                     save_state(files, state)

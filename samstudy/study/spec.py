@@ -34,6 +34,7 @@ from samstudy.configio import ConfigError, apply_override, problems, read_yaml, 
 from samstudy.configpath import unknown_key_message
 from samstudy.identity import identify
 from samstudy.settings import Tracking
+from samstudy.study.storage import check_endpoint, credential_fields, credential_message
 from samstudy.train.config import EPOCH_METRICS, TrialConfig
 
 # Metric names a search may optimise (the trainer's per-epoch metrics).
@@ -246,6 +247,11 @@ class StudySpec(_Strict):
     max_concurrent: int | None = Field(None, ge=1)
     tracking: Tracking = Tracking()
     storage_path: str | None = None
+    storage_endpoint: str | None = Field(
+        None,
+        description="endpoint of an S3-compatible store for an s3:// storage_path, "
+        "http(s)://HOST:PORT; default $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL, else AWS",
+    )
     # Each checkpoint handed to Tune costs a round trip to its driver and, every few, a snapshot
     # of its experiment state: for epochs of milliseconds that outweighs what a retry would redo.
     checkpoint_min_s: float = Field(
@@ -269,6 +275,20 @@ class StudySpec(_Strict):
         raw = data.get("base") if isinstance(data, dict) else None
         spec._base_raw = copy.deepcopy(raw) if isinstance(raw, dict) else {}
         return spec
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        # Study files are committed: keys come from the environment and ~/.aws only.
+        found = credential_fields(data)
+        if found:
+            raise ValueError(credential_message(found))
+        return data
+
+    @field_validator("storage_endpoint")
+    @classmethod
+    def _endpoint_ok(cls, url: str | None) -> str | None:
+        return None if url is None else check_endpoint(url)
 
     @field_validator("seeds")
     @classmethod

@@ -39,13 +39,14 @@ class RunnerError(RuntimeError):
 
 
 class ExperimentFiles:
-    """Small text files in the experiment directory, local or on a URI (pyarrow filesystems)."""
+    """Small text files in the experiment directory, local or on a URI (pyarrow filesystems);
+    ``endpoint``: the study's ``storage_endpoint`` (see :mod:`samstudy.study.storage`)."""
 
-    def __init__(self, path: str) -> None:
-        import pyarrow.fs
+    def __init__(self, path: str, endpoint: str | None = None) -> None:
+        from samstudy.study.storage import filesystem
 
         self.path = path
-        self.fs, self.base = pyarrow.fs.FileSystem.from_uri(path)
+        self.fs, self.base = filesystem(path, endpoint)
 
     def _info(self, rel: str = "") -> Any:
         return self.fs.get_file_info(f"{self.base}/{rel}".rstrip("/"))

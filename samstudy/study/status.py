@@ -123,7 +123,9 @@ def format_status(status: StudyStatus) -> str:
     counts = ", ".join(f"{status.counts[k]} {k}" for k in order if status.counts.get(k))
     total = f" of {status.total}" if status.total else ""
     eta = "" if status.eta_s is None else f"; ETA {duration(status.eta_s)}"
-    lines = [f"study {status.name} ({status.study_status}): {counts or 'no trials yet'}{total}{eta}"]
+    lines = [
+        f"study {status.name} ({status.study_status}): {counts or 'no trials yet'}{total}{eta}"
+    ]
     for t in sorted(status.trials, key=lambda t: t.name):
         if t.status == "running":
             at = f"epoch {t.epoch if t.epoch is not None else 0}/{t.epochs or '?'}"
@@ -142,4 +144,3 @@ def duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
-
