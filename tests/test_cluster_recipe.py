@@ -167,8 +167,10 @@ def test_the_documented_cluster_recipe_runs_a_study(tmp_path: Path, ray_tmp: str
     # A driver with a wrong token, and an address where nothing answers: one line, exit 2,
     # in seconds (Ray itself would retry for 20 to 40 s and end with a traceback).
     refused = [
-        (worker.env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 32, RAY_ADDRESS=f"{ip}:{port}"),
-         "refused this driver's authentication"),
+        (
+            worker.env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 32, RAY_ADDRESS=f"{ip}:{port}"),
+            "refused this driver's authentication",
+        ),
         (worker.env(RAY_ADDRESS=f"{ip}:{free_port('')}"), "cannot reach the Ray cluster"),
     ]
     for env, expected in refused:
@@ -186,3 +188,15 @@ def test_the_documented_cluster_recipe_runs_a_study(tmp_path: Path, ray_tmp: str
         assert done.returncode == 2, lines
         assert len(lines) == 1 and expected in lines[0], lines
         assert "Traceback" not in lines[0] and took < 20, (took, lines)
+
+    # RAY_AUTH_MODE unset, the cluster's token in ~/.ray: the driver finds that the cluster
+    # needs it and uses it (plan joins the cluster for its resource and data checks).
+    done = subprocess.run(
+        [sys.executable, "-m", "samstudy", "plan", str(study)],
+        cwd=ROOT,
+        env=worker.env(RAY_ADDRESS=f"{ip}:{port}"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0 and "pre-flight: ok" in done.stdout, done.stdout + done.stderr

@@ -49,6 +49,8 @@ _TUNE_KEYS = frozenset(
         "hostname",
         "node_ip",
         "node_id",
+        "gpu_ids",
+        "device",
         "done",
         "trial_id",
         "experiment_tag",
@@ -289,6 +291,8 @@ class TrackingCallback(Callback):
                 tags.NODE: str(node),
                 tags.NODE_IP: str(result.get("node_ip", "")),
                 tags.HOSTNAME: str(result.get("hostname", "")),
+                tags.GPU_IDS: ",".join(result.get("gpu_ids") or []) or "none",
+                tags.DEVICE: str(result.get("device", "")),
             }
             self.tracker.set_tags(samstudy_trial, node_tags)
         self._log(samstudy_trial, result)

@@ -97,15 +97,16 @@ def _native_stderr_muted() -> Iterator[None]:
 def probe_cluster(address: str, timeout_s: float = 3.0) -> None:
     """Refuse, in seconds and with the fix, a cluster this driver cannot join.
 
-    With ``RAY_AUTH_MODE`` unset and a token on this machine, the token is offered (mode
-    ``token``): a cluster without authentication accepts it, one with it requires it, and Ray
-    reads the mode once per process, so it is set before anything talks to the cluster.
+    With ``RAY_AUTH_MODE`` unset and a token on this machine, the token is used (mode
+    ``token``) when the cluster requires one. A driver in token mode joins a cluster without
+    authentication, but that cluster then cancels its actors, so every trial fails. So a child
+    process asks the cluster without a token first; where it needs one, the mode is set here
+    and Ray's config, which read it at import, is read again (as Ray does when it turns tokens
+    on), before anything in this process talks to the cluster.
     Raises :class:`RunnerError` when nothing answers at ``address`` or the cluster refuses.
     """
     import socket
 
-    if "RAY_AUTH_MODE" not in os.environ and _token_available():
-        os.environ["RAY_AUTH_MODE"] = "token"
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise RunnerError(
@@ -121,6 +122,13 @@ def probe_cluster(address: str, timeout_s: float = 3.0) -> None:
             f"Start its head (`ray start --head --port {port}`), check the address and the "
             "firewall, or unset RAY_ADDRESS to run on a local Ray"
         ) from None
+    if "RAY_AUTH_MODE" not in os.environ and _token_available():
+        if _needs_token(address, timeout_s):
+            os.environ["RAY_AUTH_MODE"] = "token"
+            with contextlib.suppress(ImportError):  # Ray read the mode at import: again
+                from ray._raylet import Config
+
+                Config.initialize("")
     try:
         from ray._raylet import GcsClient  # Ray's own client: fails at once on a bad token
     except ImportError:  # a Ray without it: ray.init reports for itself
@@ -143,6 +151,34 @@ def probe_cluster(address: str, timeout_s: float = 3.0) -> None:
             f"the Ray cluster at {address} did not answer as a Ray head ({type(exc).__name__}: "
             f"{text[:300]}); check RAY_ADDRESS (the head's GCS port, 6379 by default)"
         ) from None
+
+
+_PROBE = """
+import sys
+from ray._raylet import GcsClient
+try:
+    GcsClient(address=sys.argv[1]).internal_kv_get(b"samstudy-probe", None, timeout=float(sys.argv[2]))
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def _needs_token(address: str, timeout_s: float) -> bool:
+    """Whether the cluster at ``address`` refuses a driver without a token (asked from a child
+    process, so this one's auth mode is still unread)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", _PROBE, address, str(timeout_s)],
+            env=env, capture_output=True, text=True, timeout=timeout_s + 30,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return True  # no answer without a token: try with it
+    text = probe.stdout.lower()
+    return "auth" in text or "token" in text
 
 
 def check_storage(storage: str, shared: bool | None = None) -> None:

@@ -73,12 +73,19 @@ def trainable(
     import torch
     from ray import tune
 
+    from samstudy.data import resolve_device
     from samstudy.train import run_trial
 
     # Tune logs every persisted checkpoint at INFO; one line per epoch per trial drowns the view.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     trial = resolve_trial(config, study, root=Path(root) if root else None)
-    node_id = ray.get_runtime_context().get_node_id()  # which node ran it, for the MLflow tags
+    # Where it runs, for the MLflow tags: the node, the GPUs Ray gave it (fractional GPUs share
+    # ids) and the device the trainer takes ("auto": CUDA if present, else the CPU).
+    node_id = ray.get_runtime_context().get_node_id()
+    gpu_ids = [str(i) for i in ray.get_gpu_ids()]
+    device = str(trial["config"].get("device", "auto"))
+    with contextlib.suppress(ValueError):  # CUDA asked for but absent: the trainer says so
+        device = str(resolve_device(device))
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -90,7 +97,8 @@ def trainable(
 
     def send(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         nonlocal in_report
-        metrics.update({"node_id": node_id, REPORT_CLOCK: in_report, TRIAL_START: started_at})
+        metrics.update({"node_id": node_id, "gpu_ids": gpu_ids, "device": device})
+        metrics.update({REPORT_CLOCK: in_report, TRIAL_START: started_at})
         with contextlib.ExitStack() as stack:
             ckpt = None
             if state is not None:
