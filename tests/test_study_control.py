@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,11 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
 from samstudy.study.control import request_stop
 from samstudy.study.state import ExperimentFiles
+from samstudy.study.worker import CHECKPOINT_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +46,7 @@ def test_status_and_stop_from_another_shell_then_resume(tmp_path: Path) -> None:
             "epochs": EPOCHS,
             "threads": 1,
             "device": "cpu",
-            "checkpoint_every": 2,
+            "checkpoint_every": 0,  # no checkpoints but the one each trial saves when stopped
         },
         "seeds": [0, 1],
         "checkpoint_min_s": 0,
@@ -66,7 +69,8 @@ def test_status_and_stop_from_another_shell_then_resume(tmp_path: Path) -> None:
         while time.monotonic() < deadline:  # until two trials are a few epochs in
             line = driver.stdout.readline()
             seen.append(line)
-            if line.startswith("[") and f"epoch 4/{EPOCHS}" in line:
+            at = re.search(rf"epoch (\d+)/{EPOCHS}", line)
+            if line.startswith("[") and at and int(at.group(1)) >= 4:
                 break
         else:
             raise AssertionError("".join(seen))
@@ -96,6 +100,19 @@ def test_status_and_stop_from_another_shell_then_resume(tmp_path: Path) -> None:
     assert driver.returncode == 130, "".join(seen) + out
     assert "stopped by `samstudy stop`" in out, out
     assert "Traceback" not in out, out
+    # each trial that was running saved a checkpoint of the last epoch it reported
+    saved = 0
+    for folder in (tmp_path / "ray" / "ctl").glob("*/result.json"):
+        last = json.loads(folder.read_text().splitlines()[-1])
+        if last.get("status") != "running":
+            continue
+        checkpoints = sorted(folder.parent.glob("checkpoint_*"))
+        assert checkpoints, f"{folder.parent.name}: stopped without a checkpoint"
+        # (one more may have been written as the driver stopped, its result not processed)
+        epochs = [torch.load(c / CHECKPOINT_FILE, weights_only=True)["epoch"] for c in checkpoints]
+        assert last["epoch"] in epochs, (epochs, last["epoch"])
+        saved += 1
+    assert saved >= 1
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ctl")
     runs = client.search_runs([experiment.experiment_id])
@@ -109,9 +126,11 @@ def test_status_and_stop_from_another_shell_then_resume(tmp_path: Path) -> None:
         for r in runs
         if "samstudy.trial_id" in r.data.tags
     }
-    # where it runs is not what it computes: with other threads, workers and checkpoint
-    # cadence the same trials resume (an identity field would make other trials, refused)
-    moved = ["--set", "threads=2", "--set", "data.num_workers=0", "--set", "checkpoint_every=3"]
+    # where it runs is not what it computes: with another data folder, loader workers and
+    # checkpoint cadence the same trials resume (an identity field would make other trials, refused)
+    # (not threads: two trials of two threads on two cores spin-wait each other for minutes)
+    elsewhere = f"data.root={tmp_path / 'elsewhere'}"
+    moved = ["--set", elsewhere, "--set", "data.num_workers=0", "--set", "checkpoint_every=3"]
     again = samstudy("study", str(path), "--num-cpus", "2", *moved, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resuming study ctl: 2 trials" in again.stdout, again.stdout

@@ -424,3 +424,18 @@ def test_study_on_s3_resumes_after_a_killed_driver_and_retries_a_killed_worker(
     assert any(Path(k).name.startswith("experiment_state-") for k in stored)
     assert not [k for k in stored if "checkpoint_" in k]  # finished trials: pruned
     assert_secret_absent(s3, result.tracking_uri, "ons3", f"{name}/ray/ons3", early, rest, log)
+
+    # grown by one seed on the bucket: only the new trial runs, in a Tune experiment of its
+    # own beside the first one there; the two finished runs are left as they were
+    before = {r.info.run_id for r in runs}
+    grown = write_study(
+        tmp_path, "ons3", storage_path=f"s3://{name}/ray", storage_endpoint=s3.endpoint,
+        base={**BASE, "epochs": 8}, grid={"seed": [0, 1, 2]},
+    )  # fmt: skip
+    out = io.StringIO()
+    again = run_study(load_study(str(grown)), address=cluster.address, out=out)
+    assert again.status == "complete", out.getvalue()
+    assert "growing study ons3: 1 new trials, 3 in all (2 done)" in out.getvalue(), out.getvalue()
+    runs = trial_runs(result.tracking_uri, "ons3")
+    assert len(runs) == 3 and before < {r.info.run_id for r in runs}
+    assert any(k.startswith(f"{name}/ray/ons3/grow-1/") for k in objects(s3, f"{name}/ray/ons3"))

@@ -97,6 +97,21 @@ def test_checkpoint_holds_plain_values_and_does_not_alias_the_model() -> None:
     assert not torch.equal(first["model"][name], second["model"][name])
 
 
+def test_a_checkpoint_on_request_resumes_exactly_and_placement_may_differ() -> None:
+    """``checkpoint_now`` (a study being stopped) adds a checkpoint after an epoch that
+    ``checkpoint_every`` would skip; resuming from it, with other placement fields, continues
+    the same trajectory."""
+    config = {**SMALL, "optimizer": {"name": "sam", "rho": 0.05}, "checkpoint_every": 0}
+    full = Recorder()
+    run_trial(config, full, checkpoint_now=lambda: len(full.metrics) == 1)
+    assert [c is not None for c in full.checkpoints] == [False, True, False]
+    moved = {**config, "data": {**config["data"], "root": "/elsewhere", "num_workers": 0}}
+    resumed = Recorder()
+    run_trial(moved, resumed, resume=_roundtrip(full.checkpoints[1]))
+    assert [m["epoch"] for m in resumed.metrics] == [3]
+    assert _differences(_without_timing(resumed.metrics[0]), _without_timing(full.metrics[2])) == []
+
+
 def test_resume_refuses_another_config() -> None:
     rec = Recorder()
     run_trial({**SMALL, "epochs": 1, "optimizer": {"name": "sgd"}}, rec)

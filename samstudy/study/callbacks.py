@@ -139,6 +139,10 @@ class _Dispatch(Callback):
         for cb in list(_ACTIVE):
             cb.on_trial_error(**info)
 
+    def on_checkpoint(self, **info: Any) -> None:
+        for cb in list(_ACTIVE):
+            cb.on_checkpoint(**info)
+
     def on_experiment_end(self, **info: Any) -> None:
         for cb in list(_ACTIVE):
             cb.on_experiment_end(**info)

@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -57,9 +57,11 @@ from samstudy.study.searchspace import param_space
 from samstudy.study.spec import StudySpec
 from samstudy.study.state import (
     ExperimentFiles,
+    Growth,
     RunnerError,
     done_count,
     experiment_path,
+    grow,
     is_uri,
     load_state,
     new_state,
@@ -67,6 +69,7 @@ from samstudy.study.state import (
     reconcile,
     resolve_storage_path,
     save_state,
+    segments,
     spool_path,
     study_fingerprint,
 )
@@ -101,6 +104,29 @@ __all__ = [
 
 
 # -- the study ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Segment:
+    """Where one of the study's Tune experiments lives (see ``state.segments``)."""
+
+    files: ExperimentFiles  # for the pruner and the replay of its results
+    tune_storage: str  # Tune's storage_path and experiment name for a new run, and its path
+    name: str
+    tune_path: str
+
+
+def _segment(files: ExperimentFiles, tune_storage: str, tune_path: str, name: str) -> _Segment:
+    """The first segment (``name`` empty) is the study's experiment; a growth's is a subfolder
+    of it named ``name`` (``grow-1``)."""
+    if not name:
+        return _Segment(files, tune_storage, tune_path.rstrip("/").rpartition("/")[2], tune_path)
+    sub = ExperimentFiles(f"{files.path}/{name}", files.endpoint)
+    return _Segment(sub, tune_path, name, f"{tune_path}/{name}")
+
+
+def _done(state: Mapping[str, Any], trial_id: str) -> bool:
+    return state["trials"].get(trial_id, {}).get("status") in tags.DONE_STATUSES
 
 
 def run_study(
@@ -171,6 +197,15 @@ def run_study(
         root=root,
     )
     result = StudyResult(study.name, "", path, uri)
+    growth = Growth([], [])
+    if state is not None and study.search is None:  # trials added to or taken from the file
+        growth = grow(state, study, [t.trial_id for t in trials], fingerprint)
+    if growth.removed:
+        print(
+            f"{len(growth.removed)} trials are no longer in the study file: their MLflow runs "
+            f"and Ray results are left as they are (trial ids {', '.join(growth.removed)})",
+            file=out,
+        )
     if state is not None and state.get("complete"):
         if spool.is_file():  # send what an earlier run had to spool
             tracker.start(announce=False)
@@ -204,77 +239,106 @@ def run_study(
         control: DriverControl | None = None
         fault: StorageFault | None = None
         try:
-            restoring = tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs)
+            # The study's Tune experiments: the first in `path`, each growth's in a subfolder.
+            parts = [{"name": "", "trial_ids": None}]
+            if state is not None and study.search is None:
+                parts = segments(state)
+            where = {p["name"]: _segment(files, tune_storage, tune_path, p["name"]) for p in parts}
+            restoring = any(
+                tune.Tuner.can_restore(w.tune_path, storage_filesystem=tune_fs)
+                for w in where.values()
+            )
             if state is None or not restoring:  # nothing to resume: a new outcome record
                 state = new_state(study, fingerprint)
                 state["max_failures"] = max_failures
                 state["own_loggers"] = True  # run_config_callbacks(): the JSON logger only
+                if study.search is None:
+                    grow(state, study, [t.trial_id for t in trials], fingerprint)
+                    parts = segments(state)
+                where = {"": _segment(files, tune_storage, tune_path, "")}
             save_state(files, state)
             resolver = TrialResolver(study, root, bool(state.get("config_ids")))
             # Tune restores the retries an experiment started with; so does the book.
             book = FailureBook(int(state.get("max_failures", max_failures)))
             tracking = TrackingCallback(tracker, resolver, book)
             if restoring:
-                replayed = reconcile(files, tracking, state)
+                replayed = sum(reconcile(w.files, tracking, state) for w in where.values())
                 logger.info("reconciled %d Tune results with MLflow", replayed)
             total = len(trials) if study.search is None else study.search.num_samples
-            done = done_count(state)
+            done = done_count(state, [t.trial_id for t in trials] if study.search is None else None)
             outcomes = OutcomeCallback(files, state, resolver, book)
             active: list[Any] = [book, tracking, outcomes]  # the book first: it decides retries
-            keep_final = study.checkpoints.keep_final
-            pruner = None
-            if not keep_final or tune_fs is not None:  # on a URI: Tune's deletions wait too
-                pruner = CheckpointPruner(files, finished=not keep_final, defer=tune_fs is not None)
-            if pruner is not None:
-                active.append(pruner)
             if progress:
                 active.append(
                     ProgressCallback(total, resolver, done, out, progress_interval_s, book=book)
                 )
             control = DriverControl(files)  # `samstudy stop` from any shell
             active += [control, *callbacks]
-            verb = "resuming" if restoring else "starting"
+            if growth.new:
+                verb = f"growing study {study.name}: {len(growth.new)} new trials, {total} in all"
+            else:
+                verb = (
+                    f"{'resuming' if restoring else 'starting'} study {study.name}: {total} trials"
+                )
             print(
-                f"{verb} study {study.name}: {total} trials ({done} done) in {path}; "
-                f"MLflow {redact(uri)}, experiment {experiment!r}",
+                f"{verb} ({done} done) in {path}; MLflow {redact(uri)}, experiment {experiment!r}",
                 file=out,
                 flush=True,
             )
-            fn = tune_trainable(study, root)
-            # Experiments of this version hold their JSON logger in the run config, so a
-            # restore too runs without Tune's default loggers (older ones keep them).
-            switches = tune_switches(restoring and not state.get("own_loggers"))
+            fn = tune_trainable(study, root, (files.path, files.endpoint))
+            keep_final = study.checkpoints.keep_final
             try:
-                held = pruner.deferring() if pruner is not None else contextlib.nullcontext()
-                with dispatching(active), tune_env(switches), quiet_tune(), held:
-                    if restoring:
-                        tuner = tune.Tuner.restore(
-                            tune_path,
-                            fn,
-                            resume_unfinished=True,
-                            resume_errored=True,
-                            storage_filesystem=tune_fs,
+                for part in parts:  # one Tune experiment after the other
+                    if control.stopping:
+                        break
+                    ids = part["trial_ids"]
+                    todo = [t for t in trials if ids is None or t.trial_id in ids]
+                    pending = [t for t in todo if not _done(state, t.trial_id)]
+                    if study.search is None and not pending:
+                        continue
+                    at = where.get(part["name"]) or _segment(
+                        files, tune_storage, tune_path, part["name"]
+                    )
+                    again = tune.Tuner.can_restore(at.tune_path, storage_filesystem=tune_fs)
+                    pruner = None
+                    if not keep_final or tune_fs is not None:  # on a URI: deletions wait too
+                        pruner = CheckpointPruner(
+                            at.files, finished=not keep_final, defer=tune_fs is not None
                         )
-                    else:
-                        tuner = tune.Tuner(
-                            fn,
-                            param_space=param_space(study, trials),
-                            tune_config=tune_config(study, reuse_actors),
-                            run_config=tune.RunConfig(
-                                name=study.name,
-                                storage_path=tune_storage,
+                    # Experiments of this version hold their JSON logger in the run config, so
+                    # a restore too runs without Tune's default loggers (older ones keep them).
+                    switches = tune_switches(again and not state.get("own_loggers"))
+                    held = pruner.deferring() if pruner is not None else contextlib.nullcontext()
+                    extra = [pruner] if pruner is not None else []
+                    with dispatching([*active, *extra]), tune_env(switches), quiet_tune(), held:
+                        if again:
+                            tuner = tune.Tuner.restore(
+                                at.tune_path,
+                                fn,
+                                resume_unfinished=True,
+                                resume_errored=True,
                                 storage_filesystem=tune_fs,
-                                failure_config=tune.FailureConfig(max_failures=max_failures),
-                                checkpoint_config=tune.CheckpointConfig(
-                                    num_to_keep=study.checkpoints.keep
+                            )
+                        else:
+                            tuner = tune.Tuner(
+                                fn,
+                                param_space=param_space(study, todo),
+                                tune_config=tune_config(study, reuse_actors),
+                                run_config=tune.RunConfig(
+                                    name=at.name,
+                                    storage_path=at.tune_storage,
+                                    storage_filesystem=tune_fs,
+                                    failure_config=tune.FailureConfig(max_failures=max_failures),
+                                    checkpoint_config=tune.CheckpointConfig(
+                                        num_to_keep=study.checkpoints.keep
+                                    ),
+                                    callbacks=run_config_callbacks(),
+                                    verbose=0,
                                 ),
-                                callbacks=run_config_callbacks(),
-                                verbose=0,
-                            ),
-                        )
-                    tuner.fit()
-                if pruner is not None:  # Tune's final state is saved: the rest is safe now
-                    pruner.prune(final=True)
+                            )
+                        tuner.fit()
+                    if pruner is not None:  # Tune's final state is saved: the rest is safe now
+                        pruner.prune(final=True)
             except Exception as exc:
                 # A trial's checkpoint or the state file (the book saw it; Tune wraps what a
                 # callback raises), or Tune's own writes to the storage.

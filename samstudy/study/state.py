@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from samstudy import tags
@@ -46,6 +47,7 @@ class ExperimentFiles:
         from samstudy.study.storage import filesystem
 
         self.path = path
+        self.endpoint = endpoint
         self.fs, self.base = filesystem(path, endpoint)
 
     def _info(self, rel: str = "") -> Any:
@@ -167,6 +169,11 @@ def load_state(
     if study.search is None and state.get("fingerprint") == config_id_fingerprint(trials):
         state["config_ids"] = True  # its trials keep the ids they started with (runner)
         return state
+    if study.search is None and "trial_ids" in state:  # grown or shrunk: see grow()
+        diff = config_diff(state.get("base") or {}, identity_base(study))
+        if diff:
+            raise RunnerError(_altered_message(study, files, state, diff))
+        return state
     earlier_set = state.get("overrides", [])
     if earlier_set != study.overrides:
         raise RunnerError(
@@ -191,6 +198,80 @@ def load_state(
     )
 
 
+def identity_base(study: StudySpec) -> dict[str, Any]:
+    """The study's base config (``--set`` applied) without its placement fields: what every
+    trial that ran shares, and what must not change for the study to grow."""
+    return without_placement(study.base.model_dump(mode="json"))
+
+
+def config_diff(old: Any, new: Any, path: str = "base") -> list[str]:
+    """``base.epochs: 60 -> 80`` for every leaf where two config dumps differ."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            missing = "(not set)"
+            out += config_diff(old.get(key, missing), new.get(key, missing), f"{path}.{key}")
+        return out
+    if old == new:
+        return []
+    return [f"{path}: {json.dumps(old)} -> {json.dumps(new)}"]
+
+
+def _altered_message(
+    study: StudySpec, files: ExperimentFiles, state: Mapping[str, Any], diff: Sequence[str]
+) -> str:
+    lines = [
+        f"{study.path}: this change alters trials that already ran in {files.path}; field by "
+        "field, as they ran -> as the file (and --set) now say:",
+        *(f"  {line}" for line in diff),
+    ]
+    earlier = state.get("overrides", [])
+    if earlier != study.overrides:
+        lines.append(f"  (--set when it started: {earlier or '(none)'}; now: "
+                     f"{study.overrides or '(none)'})")  # fmt: skip
+    lines.append(
+        "Adding seeds, grid values or grid blocks grows a study; changing what its trials are "
+        "does not. Either restore these fields, run it again with --fresh to start over (which "
+        "deletes the old Ray results and MLflow runs), or save the file under a new study name "
+        "to run it as a new study beside this one."
+    )
+    return "\n".join(lines)
+
+
+def segments(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The study's Tune experiments: ``{"name", "trial_ids"}``, the first (name ``""``) in the
+    experiment folder itself, each growth's in a subfolder ``grow-N`` of it."""
+    return state.setdefault("segments", [{"name": "", "trial_ids": list(state["trial_ids"])}])
+
+
+def grow(state: dict[str, Any], study: StudySpec, ids: Sequence[str], fingerprint: str) -> Growth:
+    """Fit the state to the study's trials now (``ids``): trials that are new get a new
+    segment, trials no longer in the file are left alone. A state from before trial ids were
+    recorded has the same trials as now (its fingerprint matched)."""
+    if "trial_ids" not in state:
+        state["trial_ids"] = sorted(ids)
+    state["base"] = identity_base(study)
+    known = [i for segment in segments(state) for i in segment["trial_ids"]]
+    new = [i for i in ids if i not in set(known)]
+    removed = [i for i in known if i not in set(ids)]
+    if new:
+        state["segments"].append({"name": f"grow-{len(state['segments'])}", "trial_ids": new})
+        state["trial_ids"] = sorted({*known, *new})
+        state["complete"] = False
+    state["fingerprint"] = fingerprint
+    state["sha256"] = study.sha256
+    state["overrides"] = study.overrides
+    return Growth(new, removed)
+
+
+@dataclass(frozen=True)
+class Growth:
+    """What :func:`grow` found: trial ids new to the study, and those no longer in its file."""
+
+    new: list[str]
+    removed: list[str]
+
+
 def new_state(study: StudySpec, fingerprint: str) -> dict[str, Any]:
     """The outcome record of a study that starts from scratch."""
     return {
@@ -200,6 +281,7 @@ def new_state(study: StudySpec, fingerprint: str) -> dict[str, Any]:
         "overrides": study.overrides,  # --set: part of what the trials are, with the file
         "complete": False,
         "trials": {},
+        "base": identity_base(study),
     }
 
 
@@ -208,9 +290,12 @@ def save_state(files: ExperimentFiles, state: Mapping[str, Any]) -> None:
     files.write_text(STATE_FILE, json.dumps(state, indent=1))
 
 
-def done_count(state: Mapping[str, Any]) -> int:
-    """Trials that ended in a way a rerun does not start again."""
-    return sum(1 for v in state["trials"].values() if v["status"] in tags.DONE_STATUSES)
+def done_count(state: Mapping[str, Any], trial_ids: Sequence[str] | None = None) -> int:
+    """Trials (of ``trial_ids``, default all recorded) that ended in a way a rerun does not
+    start again."""
+    recorded = state["trials"]
+    ids = recorded if trial_ids is None else [i for i in trial_ids if i in recorded]
+    return sum(1 for i in ids if recorded[i]["status"] in tags.DONE_STATUSES)
 
 
 def outcome(study: StudySpec, trial_ids: Sequence[str], state: Mapping[str, Any]) -> str:

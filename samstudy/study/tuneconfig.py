@@ -17,8 +17,11 @@ from samstudy.study.spec import StudySpec
 from samstudy.study.worker import REPORT_BATCH_S, trainable
 
 
-def tune_trainable(study: StudySpec, root: Path) -> Callable[..., Any]:
-    """The worker's trainable with the study's parameters and per-trial resources."""
+def tune_trainable(
+    study: StudySpec, root: Path, control: tuple[str, str | None] | None = None
+) -> Callable[..., Any]:
+    """The worker's trainable with the study's parameters and per-trial resources;
+    ``control``: the experiment folder and endpoint where a stop request appears."""
     from ray import tune
 
     # ASHA decides at each rung epoch: give it every epoch as it ends
@@ -29,6 +32,7 @@ def tune_trainable(study: StudySpec, root: Path) -> Callable[..., Any]:
         root=str(root),
         batch_s=0.0 if asha else REPORT_BATCH_S,
         checkpoint_min_s=study.checkpoint_min_s,
+        control=control,
     )
     return tune.with_resources(fn, {"cpu": study.resources.cpus, "gpu": study.resources.gpus})
 

@@ -46,6 +46,7 @@ def trainable(
     root: str | None = None,
     batch_s: float = REPORT_BATCH_S,
     checkpoint_min_s: float = 0.0,
+    control: tuple[str, str | None] | None = None,
 ) -> None:
     """Ray Tune function trainable: one samstudy trial.
 
@@ -58,7 +59,9 @@ def trainable(
     short trial's Tune overhead. ``batch_s = 0`` reports every epoch (for schedulers that act on
     each result, such as ASHA). If the trial raises, the held epochs are sent first. A
     checkpoint less than ``checkpoint_min_s`` after the last one kept (or the trial's start) is
-    dropped, except on the last epoch (the study's ``checkpoint_min_s``).
+    dropped, except on the last epoch (the study's ``checkpoint_min_s``). ``control``: the
+    study's experiment folder and storage endpoint, where ``samstudy stop`` leaves its request;
+    once it is there, every epoch ends with a checkpoint, sent at once (:class:`StopWatch`).
 
     Every result carries worker-side clocks (left out of MLflow by their ``_`` prefix):
     ``TRIAL_CLOCK`` (seconds since this call started, imports included), ``REPORT_CLOCK``
@@ -113,8 +116,16 @@ def trainable(
             in_report += time.perf_counter() - begin
 
     batcher = EpochBatcher(send, batch_s, checkpoint_min_s)
+    watch = StopWatch(*control) if control is not None else None
+
+    def checkpoint_now() -> bool:  # asked by the trainer after each epoch
+        if watch is None or not watch():
+            return False
+        batcher.keep_checkpoints = True  # sent now, whatever checkpoint_min_s says
+        return True
+
     try:
-        run_trial(trial["config"], batcher, resume=resume)
+        run_trial(trial["config"], batcher, resume=resume, checkpoint_now=checkpoint_now)
     except Exception as exc:
         batcher.flush()  # the epochs before the error reach MLflow even if no retry is left
         # The error itself, before Ray wraps it: the driver shows it and decides on retrying.
@@ -147,6 +158,7 @@ class EpochBatcher:
         self.clock = clock
         self.held: list[dict[str, Any]] = []
         self.last_sent = self.last_checkpoint = clock()
+        self.keep_checkpoints = False  # set when the study is being stopped
         self.last: Mapping[str, Any] = {}  # the latest epoch's metrics
         self.last_epoch: int | None = None  # the latest epoch this attempt finished
 
@@ -155,7 +167,7 @@ class EpochBatcher:
         self.last = metrics
         if isinstance(metrics.get("epoch"), int):
             self.last_epoch = metrics["epoch"]
-        final = metrics.get("status") != "running"
+        final = metrics.get("status") != "running" or self.keep_checkpoints
         now = self.clock()
         if state is not None and not final and now - self.last_checkpoint < self.checkpoint_min_s:
             state = None
@@ -189,6 +201,32 @@ class EpochBatcher:
         self.held = []
         self.send(metrics, state)
         self.last_sent = self.clock()
+
+
+class StopWatch:
+    """Whether ``samstudy stop`` asked the study to stop: its request file in the experiment
+    folder, looked at most every ``every_s`` seconds (a stat on a disk, a HEAD on S3); once
+    seen, always True."""
+
+    def __init__(self, path: str, endpoint: str | None = None, every_s: float = 2.0) -> None:
+        self.path, self.endpoint, self.every_s = path, endpoint, every_s
+        self._files: Any = None
+        self._next = 0.0
+        self.seen = False
+
+    def __call__(self) -> bool:
+        if self.seen or time.monotonic() < self._next:
+            return self.seen
+        self._next = time.monotonic() + self.every_s
+        from samstudy.study.control import STOP_FILE
+        from samstudy.study.state import ExperimentFiles
+
+        try:
+            self._files = self._files or ExperimentFiles(self.path, self.endpoint)
+            self.seen = self._files.exists(STOP_FILE)
+        except OSError:  # a storage that does not answer: the driver still stops the trial
+            pass
+        return self.seen
 
 
 def epoch_results(result: Mapping[str, Any]) -> list[Mapping[str, Any]]:

@@ -167,12 +167,14 @@ def run_trial(
     config: Mapping[str, Any],
     report: Report,
     resume: dict[str, Any] | None = None,
+    checkpoint_now: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Train one trial, calling ``report(metrics, checkpoint)`` once per epoch.
 
     ``checkpoint`` is ``None`` or a weights-only-loadable dict; passing it back as ``resume``
-    continues the same trajectory. Returns the last metrics dict (``status`` is ``completed`` or
-    ``diverged``).
+    continues the same trajectory. It comes every ``checkpoint_every`` epochs, and after any
+    epoch where ``checkpoint_now()`` says so (a study being stopped). Returns the last metrics
+    dict (``status`` is ``completed`` or ``diverged``).
     """
     # ---- config, threads, device, seeds -----------------------------------------------------
     cfg = load_trial_config(dict(config))
@@ -292,7 +294,8 @@ def run_trial(
         history.append(dict(metrics))
 
         checkpoint = None
-        if not diverged and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
+        due = bool(cfg.checkpoint_every) and epoch % cfg.checkpoint_every == 0
+        if not diverged and (due or (checkpoint_now is not None and checkpoint_now())):
             checkpoint = {
                 "format": CHECKPOINT_FORMAT,
                 "epoch": epoch,
