@@ -22,7 +22,7 @@ from samstudy.study.runner import run_study  # noqa: E402
 from samstudy.study.spec import study_from_mapping  # noqa: E402
 from samstudy.study.worker import TRIAL_CLOCK, TRIAL_START  # noqa: E402
 
-EPOCHS = 20
+EPOCHS = 5
 
 
 @pytest.fixture(scope="module")

@@ -36,9 +36,9 @@ def test_smoke_measures_each_trial_type_and_plan_shows_it(tmp_path: Path) -> Non
             "threads": 1,
             "device": "cpu",
         },
-        # three types: sam and sgd on the MLP, sam on CIFAR-10 whose files are not there
+        # two types: sam on the MLP (two rhos: one type), sam on CIFAR-10 whose files are absent
         "grid": [
-            {"optimizer.name": ["sam", "sgd"], "optimizer.rho": [0.05, 0.1]},
+            {"optimizer.rho": [0.05, 0.1]},
             {"data.name": ["cifar10"], "data.root": [str(tmp_path / "no-data")]},
         ],
         "seeds": [0, 1],
@@ -56,34 +56,38 @@ def test_smoke_measures_each_trial_type_and_plan_shows_it(tmp_path: Path) -> Non
     smoke = samstudy("smoke", str(path), "--num-cpus", "2", "--steps", "3", env=env)
     out = smoke.stdout
     assert smoke.returncode == 1, out + smoke.stderr  # one type fails
-    assert "smoke of study smk: 3 trial types" in out, out
-    assert out.count("ms/step") == 2 and out.count("peak RSS") == 2, out
-    assert "mlp / digits / sam / batch 64" in out and "(4 trials" in out, out  # rho: one type
+    assert "smoke of study smk: 2 trial types" in out, out
+    assert out.count("ms/step") == 1 and out.count("peak RSS") == 1, out
+    assert "mlp / digits / sam / batch 64 / auto  (4 trials" in out, out  # rho: one type
     assert "FAILED on cpu" in out and "no-data" in out, out  # the first error, with the path
     assert "no cost measured" in out, out
     saved = json.loads((tmp_path / "smoke" / "smk.json").read_text())
-    ok = [t for t in saved["types"] if t["error"] is None]
-    assert len(ok) == 2 and all(t["step_s"] > 0 and t["peak_bytes"] > 2**20 for t in ok)
-    assert all(abs(t["samples_per_s"] * t["step_s"] - 64) < 1e-6 for t in ok)
+    (ok,) = [t for t in saved["types"] if t["error"] is None]
+    assert ok["step_s"] > 0 and ok["peak_bytes"] > 2**20
+    assert abs(ok["samples_per_s"] * ok["step_s"] - 64) < 1e-6
     # nothing was written to the study's storage or tracking
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
     plan = samstudy("plan", str(path), "--no-check", env=env)
     assert "the last smoke run" in plan.stdout and "had failures" in plan.stdout, plan.stdout
-
-    # without the broken type the cost is measured, and plan shows it beside the estimate
     study["grid"] = study["grid"][:1]
     path.write_text(yaml.safe_dump(study))
     plan = samstudy("plan", str(path), "--no-check", env=env)
     assert "of another version of the study file" in plan.stdout, plan.stdout
-    smoke = samstudy("smoke", str(path), "--num-cpus", "2", "--steps", "3", env=env)
+
+
+def test_smoke_of_the_quickstart_prices_it_and_plan_shows_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["SAMSTUDY_SMOKE_DIR"] = str(tmp_path)
+    smoke = samstudy("smoke", "quickstart", "--num-cpus", "2", "--steps", "2", env=env)
     assert smoke.returncode == 0, smoke.stdout + smoke.stderr
+    assert "smoke of study quickstart: 8 trial types" in smoke.stdout, smoke.stdout
+    assert smoke.stdout.count("ms/step") == 8, smoke.stdout
     assert "measured cost (smoke " in smoke.stdout and "trials at once" in smoke.stdout
-    saved = json.loads((tmp_path / "smoke" / "smk.json").read_text())
-    assert saved["trial_hours"] > 0 and saved["slots"] == 2
-    # 8 trials of 30 epochs: at least the timed steps' share of each
-    per_epoch = min(t["step_s"] for t in saved["types"]) * 23  # 1437 digits / 64 per batch
-    assert saved["trial_hours"] * 3600 >= 8 * 30 * per_epoch
-    plan = samstudy("plan", str(path), "--no-check", env=env)
-    lines = plan.stdout.splitlines()
+    saved = json.loads((tmp_path / "quickstart.json").read_text())
+    assert saved["slots"] == 2 and sum(t["trials"] for t in saved["types"]) == 30
+    # 30 trials of 60 epochs: at least the timed steps' share of each (1437 digits / 64)
+    per_epoch = min(t["step_s"] for t in saved["types"]) * 23
+    assert saved["trial_hours"] * 3600 >= 30 * 60 * per_epoch
+    lines = samstudy("plan", "quickstart", "--no-check", env=env).stdout.splitlines()
     estimate = next(i for i, line in enumerate(lines) if line.startswith("estimated cost"))
-    assert lines[estimate + 1].startswith("measured cost (smoke "), plan.stdout
+    assert lines[estimate + 1].startswith("measured cost (smoke "), lines
