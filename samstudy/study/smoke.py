@@ -9,8 +9,8 @@ fresh worker process (so its peak memory is its own), on this machine or the clu
 is timed) and one evaluation on the whole test set per epoch. Nothing is written to the study's
 MLflow experiment or Ray storage; the measurements go to ``results/smoke/NAME.json``
 (``$SAMSTUDY_SMOKE_DIR``), where ``plan`` finds them and prints the measured cost beside its
-estimate. The set-up time is a fresh process's (imports, data, model): an upper bound where
-Tune reuses a worker for the next trial.
+estimate. The set-up time is a fresh process's (imports, data, model); the cost counts it
+once per slot, as Tune reuses a worker for the next trial.
 """
 
 from __future__ import annotations
@@ -140,15 +140,15 @@ def smoke_trial(config: dict[str, Any], steps: int) -> dict[str, Any]:
 
 
 def trial_seconds(config: Mapping[str, Any], measured: TypeResult) -> float:
-    """A whole trial's time from its type's measurement: set-up, then per epoch every step of
-    the training set (or ``max_steps_per_epoch``) and the evaluation."""
+    """A trial's training time from its type's measurement: per epoch every step of the
+    training set (or ``max_steps_per_epoch``) and the evaluation (set-up apart)."""
     assert measured.step_s is not None and measured.eval_s is not None
     batch = int(config.get("batch_size", 128))
     steps = math.ceil(data_sizes(config)[0] / batch)
     if config.get("max_steps_per_epoch"):
         steps = min(steps, int(config["max_steps_per_epoch"]))
     epoch_s = steps * measured.step_s + measured.eval_s
-    return (measured.setup_s or 0.0) + int(config.get("epochs", 1)) * epoch_s
+    return int(config.get("epochs", 1)) * epoch_s
 
 
 def study_slots(study: StudySpec, resources: Mapping[str, float]) -> int:
@@ -208,11 +208,12 @@ def run_smoke(
         cost = _cost(study, groups, result.types)
         result.slots = study_slots(study, resources)
         per_trial = cost if study.search is None else cost[:1] * study.search.num_samples
-        result.trial_hours = sum(per_trial) / 3600
-        count = len(per_trial)
-        result.wall_hours = max(
-            result.trial_hours / min(result.slots, count), max(per_trial) / 3600
-        )
+        # A fresh process's set-up (imports, CUDA context) is paid once per slot: Tune reuses
+        # a worker for the next trial, which builds only its data and model again.
+        setup = max(t.setup_s or 0.0 for t in result.types)
+        slots = min(result.slots, len(per_trial))
+        result.trial_hours = (sum(per_trial) + slots * setup) / 3600
+        result.wall_hours = (max(sum(per_trial) / slots, max(per_trial)) + setup) / 3600
     return result
 
 
