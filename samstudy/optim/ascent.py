@@ -59,8 +59,9 @@ def _scaled(
 ) -> list[torch.Tensor]:
     """tensors[i] * rhos[i] / (norm + EPS), one foreach call per distinct rho.
 
-    With ``out`` (tensors kept from step to step) the products are written there: on CPU a
-    fresh 45 MB per step costs more in page faults than the copy it saves.
+    With ``out`` (tensors kept from step to step; or ``tensors`` themselves, in place) the
+    products are written there: on CPU a fresh 45 MB per step costs more in page faults than
+    the arithmetic.
     """
     result: list[torch.Tensor | None] = list(out) if out is not None else [None] * len(tensors)
     for rho in dict.fromkeys(rhos):
@@ -72,9 +73,11 @@ def _scaled(
                 result[i] = t
             continue
         dst = [out[i] for i in idx]
-        if any(d is not s for d, s in zip(dst, src, strict=True)):
-            torch._foreach_copy_(dst, src)
-        torch._foreach_mul_(dst, scale)
+        if all(d is s for d, s in zip(dst, src, strict=True)):
+            torch._foreach_mul_(dst, scale)
+        else:  # one pass per tensor, not a copy and then a product
+            for d, s in zip(dst, src, strict=True):
+                torch.mul(s, scale, out=d)
     return result  # type: ignore[return-value]
 
 
@@ -88,29 +91,56 @@ def ascent(
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Return (e per tensor, ||g|| when the rule computed it anyway, else None).
 
-    ``out``: tensors shaped like ``grads`` that receive e (otherwise e is freshly allocated).
+    ``out``: tensors shaped like ``grads`` that receive e (otherwise e is freshly allocated);
+    for ``sam`` and ``clamp`` they may be ``grads`` themselves (e in place of g).
     """
     grads = list(grads)
     if len(rhos) != len(grads) or len(weights) != len(grads):
         raise ValueError("ascent: grads, weights and rhos need one entry per tensor")
     if cfg.kind == "adaptive":
-        t = torch._foreach_abs(list(weights))
-        if cfg.eta:
-            torch._foreach_add_(t, cfg.eta)
-        norm = global_norm(torch._foreach_mul(t, grads))
-        # eta = 0 keeps the port's exact arithmetic: (w ** 2 * g) * scale.
-        t2 = torch._foreach_pow(list(weights), 2) if not cfg.eta else torch._foreach_mul(t, t)
-        torch._foreach_mul_(t2, grads)
-        return _scaled(t2, rhos, norm, out), None
+        return _adaptive(cfg, grads, list(weights), rhos, out), None
     gnorm = global_norm(grads)
     e = _scaled(grads, rhos, gnorm, out)
     if cfg.kind == "clamp":
         tau = _clamp_threshold(cfg, e)
+        low = -tau
         for t in e:
-            t.clamp_(min=-tau, max=tau)
+            t.clamp_(min=low, max=tau)
         if cfg.clamp_renorm:
             e = _scaled(e, rhos, global_norm(e), out)
     return e, gnorm
+
+
+def _adaptive(
+    cfg: AscentConfig,
+    grads: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    rhos: Sequence[float],
+    out: Sequence[torch.Tensor] | None,
+) -> list[torch.Tensor]:
+    """ASAM's e = rho T_w^2 g / (||T_w g|| + EPS), T_w = |w| + eta, in ``out`` when given.
+
+    With eta = 0 the port's exact arithmetic, (w ** 2 * g) * scale, in place in ``out`` (w * w
+    is w ** 2 bit for bit, and ||w g|| is || |w| g ||: signs do not change a norm), so no
+    tensor is allocated per step.
+    """
+    if cfg.eta:
+        t = torch._foreach_abs(weights)
+        torch._foreach_add_(t, cfg.eta)
+        norm = global_norm(torch._foreach_mul(t, grads))
+        t2 = torch._foreach_mul(t, t)
+        torch._foreach_mul_(t2, grads)
+        return _scaled(t2, rhos, norm, out)
+    if out is None:
+        out = [torch.empty_like(g) for g in grads]
+    out = list(out)
+    for o, w, g in zip(out, weights, grads, strict=True):
+        torch.mul(w, g, out=o)
+    norm = global_norm(out)
+    for o, w in zip(out, weights, strict=True):
+        torch.mul(w, w, out=o)
+    torch._foreach_mul_(out, grads)
+    return _scaled(out, rhos, norm, out)
 
 
 def _clamp_threshold(cfg: AscentConfig, e: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -121,4 +151,3 @@ def _clamp_threshold(cfg: AscentConfig, e: Sequence[torch.Tensor]) -> torch.Tens
         return torch.kthvalue(flat, k).values
     rms = global_norm(e) / math.sqrt(n)
     return (cfg.clamp_rms if cfg.clamp_rms is not None else DEFAULT_CLAMP_RMS) * rms
-

@@ -119,7 +119,8 @@ class RegionRule:
         dot products only when ``measure``. ``G`` / ``P`` are either flat buffers of ``space``
         (gathered: whole-buffer passes, the GPU path) or lists of per-parameter tensors (the
         CPU path): then every pass runs chunk by chunk of at most ``CHUNK`` elements, so that
-        the dozen passes of a rule stay in cache and g, g_p are read from memory once.
+        the dozen passes of a rule stay in cache and g, g_p are read from memory once (whole
+        1 MB buffers, even of a small model, would stream every pass from memory).
         """
         want_d = not self.identity
         if not want_d and not measure:
@@ -136,44 +137,62 @@ class RegionRule:
                 return D, space.segment_counts(blocks, "blocks"), dots.double()
         if isinstance(G, list):
             return (D, *self._chunked(space, G, P, D, measure))
-        masks = _Masks(G, P, space.buffer)
+        masks = _Masks(G, P, space.work(None))
         if D is not None:
             self._apply(masks, G, P, D)
         if not measure:
             return D, None, None
-        blocks = space.block_sums([masks.get(k) for k in THRESHOLDS])
+        blocks = space.block_sums(masks.all())
         G32, P32 = (G, P) if G.dtype == space.acc_dtype else (G.float(), P.float())
         dots = torch.stack([torch.dot(G32, P32), torch.dot(P32, P32)]).double()
         return D, space.segment_counts(blocks, "blocks"), dots
 
     def _chunked(self, space, G: list, P: list, D, measure: bool):
-        items = space.chunks
         g_flat = [t.reshape(-1) for t in G]
         p_flat = [t.reshape(-1) for t in P]
         d_flat = space.views("D", shaped=False) if D is not None else None
+        pieces = space.pieces()
         if measure:
-            # one row per threshold mask, then <g, g_p> and <g_p, g_p>, per chunk
-            sums = space.small("chunk_sums", (len(THRESHOLDS) + 2, len(items)))
-        scratch = space.scratch
-        for j, (t, a, b) in enumerate(items):
-            g, gp = g_flat[t][a:b], p_flat[t][a:b]
-            n = b - a
-            masks = _Masks(g, gp, lambda name, n=n: scratch(name)[:n])
-            if d_flat is not None:
-                self._apply(masks, g, gp, d_flat[t][a:b])
+            # threshold-mask sums, one row per chunk or pack member; <g, g_p>, <g_p, g_p>
+            counts = space.small("piece_sums", (space.slots, len(THRESHOLDS)))
+            dots = space.small("piece_dots", (len(pieces), 2))
+            half = G[0].dtype != dots.dtype
+            slot = 0
+        for j, piece in enumerate(pieces):
+            members = piece.members
+            if members is None:
+                t, a, b = piece.tensor, piece.start, piece.stop
+                g, gp = g_flat[t][a:b], p_flat[t][a:b]
+                d = d_flat[t][a:b] if d_flat is not None else None
+            else:  # a pack of small parameters: copied in (and d out) with one call each
+                g_in, p_in, d_out = piece.views
+                torch._foreach_copy_(g_in, [g_flat[t] for t in members])
+                torch._foreach_copy_(p_in, [p_flat[t] for t in members])
+                g, gp, d = piece.G, piece.P, piece.D if d_flat is not None else None
+            masks = _Masks(g, gp, piece.work)
+            if d is not None:
+                self._apply(masks, g, gp, d)
+                if members is not None:
+                    torch._foreach_copy_([d_flat[t] for t in members], d_out)
             if measure:
-                for i, name in enumerate(THRESHOLDS):
-                    torch.sum(masks.get(name), 0, out=sums[i, j])
-                if g.dtype == sums.dtype:
-                    torch.dot(g, gp, out=sums[4, j])
-                    torch.dot(gp, gp, out=sums[5, j])
+                rows = masks.all()
+                if members is None:
+                    torch.sum(rows, 1, out=counts[slot])
+                    slot += 1
+                else:  # per member: block sums, then blocks -> members (exact small sums)
+                    blocks = rows.view(len(THRESHOLDS), -1, BLOCK).sum(2, dtype=counts.dtype)
+                    k = len(members)
+                    torch.mm(piece.segments.T, blocks.T, out=counts[slot : slot + k])
+                    slot += k
+                if not half:
+                    torch.dot(g, gp, out=dots[j, 0])
+                    torch.dot(gp, gp, out=dots[j, 1])
                 else:  # half precision: accumulate in float32
-                    sums[4, j] = torch.dot(g.float(), gp.float())
-                    sums[5, j] = torch.dot(gp.float(), gp.float())
+                    dots[j, 0] = torch.dot(g.float(), gp.float())
+                    dots[j, 1] = torch.dot(gp.float(), gp.float())
         if not measure:
             return None, None
-        counts = space.segment_counts(sums[: len(THRESHOLDS)], "chunks")
-        return counts, sums[len(THRESHOLDS) :].sum(1, dtype=torch.float64)
+        return space.piece_totals(counts), dots.sum(0, dtype=torch.float64)
 
     def _apply(self, masks: _Masks, G: torch.Tensor, P: torch.Tensor, D: torch.Tensor) -> None:
         src = P  # the first operation writes d = g_p + ... into D, saving a copy
@@ -217,36 +236,42 @@ class RegionRule:
 class _Masks:
     """Lazily computed 0/1 float masks of one stretch of coordinates (g, g_p of equal length).
 
-    ``buf(name)`` supplies the output tensors (flat buffers, or chunk-sized scratch). Masks are
-    float so that comparisons write them directly and a fused multiply-add can use them (bool
-    operands take a slow mixed-dtype path); region masks are exact differences and sums of
-    nested threshold masks (ckpt2 = [h > 0] - [h >= |g|], ckpt4 = [h <= 0] - [h <= -|g|]).
+    ``work`` holds the outputs (``FlatSpace.work``: flat buffers, or cache-sized scratch). The
+    four threshold masks are the rows of ``work["thresholds"]`` ([4, n], ``THRESHOLDS``
+    order), so that their counts are one reduction. Masks are float so that comparisons write
+    them directly and a fused multiply-add can use them (bool operands take a slow mixed-dtype
+    path); region masks are exact differences and sums of nested threshold masks
+    (ckpt2 = [h > 0] - [h >= |g|], ckpt4 = [h <= 0] - [h <= -|g|]).
     """
 
-    def __init__(
-        self, G: torch.Tensor, P: torch.Tensor, buf: Callable[[str], torch.Tensor]
-    ) -> None:
-        self.buf = buf
-        self.ag = torch.abs(G, out=buf("ag"))
-        self.h = torch.div(G, self.ag, out=buf("h"))  # +-1, NaN where g == 0
+    def __init__(self, G: torch.Tensor, P: torch.Tensor, work: dict[str, torch.Tensor]) -> None:
+        self.work = work
+        self.rows = work["thresholds"]
+        self.ag = torch.abs(G, out=work["ag"])
+        self.h = torch.div(G, self.ag, out=work["h"])  # +-1, NaN where g == 0
         torch.mul(self.h, P, out=self.h)
-        self._have: dict[str, torch.Tensor] = {}
+        self._have = [False] * len(THRESHOLDS)
 
     def get(self, name: str) -> torch.Tensor:
-        mask = self._have.get(name)
-        if mask is None:
-            out = self.buf(name)
-            if name == "gt0":
-                mask = torch.gt(self.h, 0.0, out=out)
-            elif name == "ge":
-                mask = torch.ge(self.h, self.ag, out=out)
-            elif name == "le0":
-                mask = torch.le(self.h, 0.0, out=out)
-            else:
-                neg_ag = torch.neg(self.ag, out=out)
-                mask = torch.le(self.h, neg_ag, out=out)
-            self._have[name] = mask
-        return mask
+        i = THRESHOLDS.index(name)
+        out = self.rows[i]
+        if not self._have[i]:
+            if i == 0:
+                torch.gt(self.h, 0.0, out=out)
+            elif i == 1:
+                torch.ge(self.h, self.ag, out=out)
+            elif i == 2:
+                torch.le(self.h, 0.0, out=out)
+            else:  # h <= -|g| as -h >= |g| (negation is exact)
+                torch.ge(torch.neg(self.h, out=self.work["minus_h"]), self.ag, out=out)
+            self._have[i] = True
+        return out
+
+    def all(self) -> torch.Tensor:
+        """All four threshold masks, as the rows of one [4, n] tensor."""
+        for name in THRESHOLDS:
+            self.get(name)
+        return self.rows
 
     def region(self, k: int) -> torch.Tensor:
         if k == 1:
@@ -254,7 +279,7 @@ class _Masks:
         if k == 3:
             return self.get("le")
         outer, inner = ("gt0", "ge") if k == 2 else ("le0", "le")
-        return torch.sub(self.get(outer), self.get(inner), out=self.buf(f"region{k}"))
+        return torch.sub(self.get(outer), self.get(inner), out=self.work[f"region{k}"])
 
     def union(self, regions: frozenset[int]) -> torch.Tensor:
         if regions == {1, 2}:
@@ -263,7 +288,7 @@ class _Masks:
             return self.get("le0")
         if len(regions) == 1:
             return self.region(next(iter(regions)))
-        out = self.buf("union")
+        out = self.work["union"]
         if regions == {1, 2, 3, 4}:
             return torch.add(self.get("gt0"), self.get("le0"), out=out)
         first, second, *rest = sorted(regions)

@@ -1,11 +1,17 @@
 """The train-step protocol: one code path for every preset, ascent and second-gradient mode.
 
+Long because it is the whole step (two passes, three second-gradient modes, micro-batches, the
+rule and its statistics) and its hot path is tuned: see "Cost" in docs/optimizers.md.
+
 ``opt.train_step(model, loss_fn, inputs, targets) -> (loss, logits)`` performs a whole step:
 
 1. first forward/backward at w (BatchNorm updates its running statistics here only);
-2. the ascent e (``sam`` / ``adaptive`` / ``clamp``), w + e as fresh tensors (w is never touched);
-3. the second pass at w + e through ``torch.func.functional_call`` with BatchNorm running
-   statistics frozen, giving g_p by the ``second_grad`` mode:
+2. the ascent e (``sam`` / ``adaptive`` / ``clamp``) and w + e in tensors of their own: g's own
+   storage when nothing needs g any more (plain ``sam`` on an unmeasured step), else buffers
+   kept from step to step; w itself is never written;
+3. the second pass at w + e on the model itself (each parameter's ``.data`` points at its w + e
+   for the pass and back at w after it, even on errors) with BatchNorm running statistics
+   frozen, giving g_p by the ``second_grad`` mode:
 
    * ``full``: g_p = grad L(w + e)  (SAM);
    * ``jacobian`` (J-SAM): g_p = J(w + e)^T dL/dz(w): the loss-derivative factor of the first
@@ -34,10 +40,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.func import functional_call
+from torch.nn.modules.batchnorm import _NormBase
 
 from samstudy.optim.ascent import EPS, AscentConfig, ascent, global_norm
-from samstudy.optim.bn import running_stats_frozen
 from samstudy.optim.flat import FlatSpace
 from samstudy.optim.params import normalize_params
 from samstudy.optim.presets import Table
@@ -45,6 +50,33 @@ from samstudy.optim.rules import Operand, RegionRule, regions_from_thresholds
 from samstudy.optim.stats import STAT_KEYS, StepStats
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# ``used`` when every parameter got a gradient (the common case: no per-step list to build)
+_ALL_USED: list[bool] = []
+
+
+def _private(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> bool:
+    """May the ascent overwrite ``grads``? Only if each is laid out like its weight and owns its
+    memory: autograd may hand two parameters one tensor (the gradient of ``a + b``), or an
+    expanded view of one value (stride 0)."""
+    seen = {w.untyped_storage().data_ptr() for w in weights}
+    for g, w in zip(grads, weights, strict=True):
+        ptr = g.untyped_storage().data_ptr()
+        if g.stride() != w.stride() or ptr in seen:
+            return False
+        seen.add(ptr)
+    return True
+
+
+def _used(grads: list[torch.Tensor | None], params: list[torch.Tensor]) -> list[bool]:
+    """Which parameters got a gradient; missing ones become zeros in ``grads`` (in place)."""
+    if all(g is not None for g in grads):
+        return _ALL_USED
+    used = [g is not None for g in grads]
+    for i, (g, p) in enumerate(zip(grads, params, strict=True)):
+        if g is None:
+            grads[i] = torch.zeros_like(p)
+    return used
 
 
 class SamOptimizer(torch.optim.Optimizer):
@@ -178,33 +210,34 @@ class SamOptimizer(torch.optim.Optimizer):
                 if used:
                     self._stats.add_grad_norm(global_norm(used))
         self.base_optimizer.step()
-        self.zero_grad(set_to_none=True)
+        self._clear_grads()
         return loss.detach(), logits.detach()
 
     def _two_step(self, model, loss_fn, inputs, targets, params):
-        names = self._names_in(model, params)
-        rho_of = {
-            id(p): g.get("rho", self.defaults["rho"])
-            for g in self.param_groups
-            for p in g["params"]
-        }
-        rhos = [float(rho_of[id(p)]) for p in params]
+        norms = self._model_plan(model, params)
+        rhos = self._rhos()
         n = inputs.shape[0]
         if self.m is None or self.m >= n:
             chunks = [(inputs, targets)]
         else:
             chunks = list(zip(inputs.split(self.m), targets.split(self.m), strict=True))
         measure = self._measuring()
+        # g after the ascent: for the rule and the statistics only (plain sam: its storage
+        # becomes w + e)
+        keep_g = measure or not self.rule.identity
         g_acc: list[torch.Tensor] = []
         gp_acc: list[torch.Tensor] = []
-        used = [False] * len(params)
+        used: list[bool] | None = None
         losses, logits_all, enorms = [], [], []
         gnorm = None
         for x, t in chunks:
             logits, loss, g, gp, enorm, gnorm, chunk_used = self._passes(
-                model, loss_fn, x, t, params, names, rhos, measure
+                model, norms, loss_fn, x, t, params, rhos, measure, keep_g
             )
-            used = [a or b for a, b in zip(used, chunk_used, strict=True)]
+            if used is None or chunk_used is _ALL_USED:
+                used = chunk_used
+            elif used is not _ALL_USED:
+                used = [a or b for a, b in zip(used, chunk_used, strict=True)]
             losses.append(loss)
             logits_all.append(logits)
             if measure:
@@ -214,28 +247,50 @@ class SamOptimizer(torch.optim.Optimizer):
                     g_acc, gp_acc = g, gp
                 else:
                     w = x.shape[0] / n  # chunk losses are means: weight by chunk size
-                    if not g_acc:
-                        g_acc, gp_acc = torch._foreach_mul(g, w), torch._foreach_mul(gp, w)
+                    if not gp_acc:
+                        gp_acc = torch._foreach_mul(gp, w)
+                        g_acc = torch._foreach_mul(g, w) if keep_g else []
                     else:
-                        torch._foreach_add_(g_acc, g, alpha=w)
                         torch._foreach_add_(gp_acc, gp, alpha=w)
+                        if keep_g:
+                            torch._foreach_add_(g_acc, g, alpha=w)
         if len(chunks) > 1:
             gnorm = None  # the ascent's norm was a micro-batch's, not the step's
         with torch.no_grad():
-            d = self._combine_and_measure(g_acc, gp_acc, used, gnorm, enorms, measure)
-            for p, dp, u in zip(params, d, used, strict=True):
-                p.grad = dp if u else None
+            if keep_g:
+                d = self._combine_and_measure(g_acc, gp_acc, used, gnorm, enorms, measure)
+            else:
+                d = gp_acc
+            if used is _ALL_USED:
+                for p, dp in zip(params, d, strict=True):
+                    p.grad = dp
+            else:
+                for p, dp, u in zip(params, d, used, strict=True):
+                    p.grad = dp if u else None
         self.base_optimizer.step()
-        self.zero_grad(set_to_none=True)
+        self._clear_grads()
         if len(chunks) == 1:
             return losses[0], logits_all[0]
         weights = [x.shape[0] / n for x, _ in chunks]
         loss = sum(w * v for w, v in zip(weights, losses, strict=True))
         return loss, torch.cat(logits_all)
 
-    def _passes(self, model, loss_fn, x, t, params, names, rhos, measure):
+    def _clear_grads(self) -> None:
+        """``zero_grad(set_to_none=True)`` without its per-call profiling and hook machinery."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    def _passes(self, model, norms, loss_fn, x, t, params, rhos, measure, keep_g):
         """First pass at w, ascent, second pass at w + e for one (micro-)batch; returns
-        (logits, loss, g, g_p, ||e|| if ``measure``, ||g|| or None, which params were used)."""
+        (logits, loss, g or None unless ``keep_g``, g_p, ||e|| if ``measure``, ||g|| or None,
+        which params were used).
+
+        The second pass runs on the model itself: each parameter's ``.data`` points at its
+        w + e for the pass and back at w right after it (the popular port's own mechanism for
+        restoring w, and cheaper than ``functional_call``: no copy, no module walk). w itself
+        is never written, so the first pass's graph (kept for ``logit``) stays valid.
+        """
         mode = self.second_grad
         logits = model(x)
         loss = loss_fn(logits, t)
@@ -245,46 +300,68 @@ class SamOptimizer(torch.optim.Optimizer):
             g = list(
                 torch.autograd.grad(loss, params, allow_unused=True, retain_graph=mode == "logit")
             )
-        used = [gi is not None for gi in g]
         with torch.no_grad():
-            g = [
-                gi if gi is not None else torch.zeros_like(p)
-                for gi, p in zip(g, params, strict=True)
-            ]
-            w = [p.detach() for p in params]
-            e, gnorm = ascent(self.ascent_cfg, g, w, rhos, out=self._perturbed_buffers(params))
+            used = _used(g, params)
+            w = [p.data for p in params]
+            # e and then w + e in g's own storage when g is not needed afterwards (unless it
+            # is shared or laid out unlike w), else in tensors kept from step to step
+            inplace = not keep_g and self.ascent_cfg.kind != "adaptive" and _private(g, w)
+            out = g if inplace else self._perturbed_buffers(params)
+            e, gnorm = ascent(self.ascent_cfg, g, w, rhos, out=out)
             enorm = self._ascent_norm(e, gnorm, rhos) if measure else None
             torch._foreach_add_(e, w)  # w + e in place: e itself is not needed any more
             wp = e
+        # BatchNorm: running statistics move in the first pass only (as bn.running_stats_frozen)
+        frozen = [m for m in norms if m.track_running_stats]
+        for m in frozen:
+            m.track_running_stats = False
+        try:
+            for p, wpi in zip(params, wp, strict=True):
+                p.data = wpi
+            if mode == "logit":
+                with torch.no_grad():
+                    zp = model(x)
+            else:
+                zp = model(x)
+                if mode == "full":
+                    gp = torch.autograd.grad(loss_fn(zp, t), params, allow_unused=True)
+                else:
+                    gp = torch.autograd.grad(zp, params, grad_outputs=delta, allow_unused=True)
+        finally:
+            for p, wi in zip(params, w, strict=True):
+                p.data = wi
+            for m in frozen:
+                m.track_running_stats = True
         if mode == "logit":
-            with torch.no_grad(), running_stats_frozen(model):
-                zp = functional_call(model, dict(zip(names, wp, strict=True)), (x,))
             zp = zp.detach().requires_grad_()
             with torch.enable_grad():
                 (delta_p,) = torch.autograd.grad(loss_fn(zp, t), zp)
             gp = torch.autograd.grad(logits, params, grad_outputs=delta_p, allow_unused=True)
-        else:
-            for leaf in wp:
-                leaf.requires_grad_()
-            with running_stats_frozen(model):
-                zp = functional_call(model, dict(zip(names, wp, strict=True)), (x,))
-                if mode == "full":
-                    gp = torch.autograd.grad(loss_fn(zp, t), wp, allow_unused=True)
-                else:
-                    gp = torch.autograd.grad(zp, wp, grad_outputs=delta, allow_unused=True)
-        gp = [
-            gi if gi is not None else torch.zeros_like(p) for gi, p in zip(gp, params, strict=True)
-        ]
-        return logits.detach(), loss.detach(), g, gp, enorm, gnorm, used
+        gp = list(gp)
+        if not all(gi is not None for gi in gp):
+            gp = [
+                gi if gi is not None else torch.zeros_like(p)
+                for gi, p in zip(gp, params, strict=True)
+            ]
+        return logits.detach(), loss.detach(), g if keep_g else None, gp, enorm, gnorm, used
 
     def _perturbed_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """e and then w + e, in tensors kept from step to step (leaves of the second pass)."""
+        """e and then w + e, in tensors kept from step to step (fresh ones cost page faults):
+        the views of the flat buffer that receives d later in the step (free until the rule
+        runs, after the second pass), or tensors of their own where a parameter's layout
+        differs from its view's (channels_last)."""
         if self._wp is None:
-            self._wp = [torch.empty_like(p) for p in params]
+            wp: list[torch.Tensor] = list(params)
+            for part in self._spaces:
+                part.space.buffer("D")
+                for i, view in zip(part.idx, part.space.views("D"), strict=True):
+                    p = params[i]
+                    wp[i] = view if view.stride() == p.stride() else torch.empty_like(p)
+            self._wp = wp
         return self._wp
 
     def _ascent_norm(self, e, gnorm, rhos) -> torch.Tensor:
-        if self.ascent_cfg.kind == "sam" and gnorm is not None and len(set(rhos)) == 1:
+        if self.ascent_cfg.kind == "sam" and gnorm is not None and self._one_rho:
             return rhos[0] * gnorm / (gnorm + EPS)  # ||e|| in closed form: saves a pass
         return global_norm(e)
 
@@ -320,7 +397,7 @@ class SamOptimizer(torch.optim.Optimizer):
     # -- layout and names -------------------------------------------------------------------
 
     def _ensure_layout(self, params: list[torch.Tensor]) -> None:
-        key = tuple(id(p) for p in params)
+        key = tuple(map(id, params))
         if key == self._layout_key:
             return
         self._layout_key = key
@@ -335,16 +412,32 @@ class SamOptimizer(torch.optim.Optimizer):
             self._spaces.append(_Part(idx, space, self._stats))
         self._unused_masks: dict[tuple[bool, ...], torch.Tensor] = {}
         self._wp: list[torch.Tensor] | None = None
+        self._rho_key: tuple[Any, ...] | None = None
+
+    def _rhos(self) -> list[float]:
+        """Each parameter's rho (its group's), rebuilt only when a group's rho changes."""
+        default = self.defaults["rho"]
+        key = tuple(g.get("rho", default) for g in self.param_groups)
+        if key != self._rho_key:
+            rho_of = {
+                id(p): float(r)
+                for g, r in zip(self.param_groups, key, strict=True)
+                for p in g["params"]
+            }
+            self._rho_list = [rho_of[id(p)] for p in self._params]
+            self._one_rho = len(set(self._rho_list)) == 1
+            self._rho_key = key
+        return self._rho_list
 
     def _gather_regions(self, parts, used: list[bool]) -> torch.Tensor:
         """One [T, 5] count matrix from the spaces' parts; unused tensors count nothing."""
-        if len(parts) == 1 and len(parts[0][0].idx) == len(used):
+        if len(parts) == 1 and len(parts[0][0].idx) == len(self._params):
             full = parts[0][1]
         else:
-            full = torch.zeros(len(used), 5, dtype=torch.int64, device=self._stats.device)
+            full = torch.zeros(len(self._params), 5, dtype=torch.int64, device=self._stats.device)
             for part, counts in parts:
                 full.index_copy_(0, part.stat_index, counts.to(full.device))
-        if not all(used):
+        if used is not _ALL_USED and not all(used):
             key = tuple(used)
             mask = self._unused_masks.get(key)
             if mask is None:  # built once per pattern: a host-to-device copy syncs
@@ -353,12 +446,13 @@ class SamOptimizer(torch.optim.Optimizer):
             full = full * mask
         return full
 
-    def _names_in(self, model: torch.nn.Module, params: list[torch.Tensor]) -> list[str]:
-        """The model's attribute names of ``params`` (functional_call addresses them by name)."""
-        key = tuple(id(p) for p in params)
+    def _model_plan(self, model: torch.nn.Module, params: list[torch.Tensor]) -> list[Any]:
+        """Check once per model and layout that ``params`` belong to ``model`` (the second pass
+        substitutes every one of them) and find its normalisation layers (the second pass
+        freezes those that track running statistics); cached until either changes."""
         cached = self._module_names
-        if cached is not None and cached[0]() is model and cached[1] == key:
-            return cached[2]
+        if cached is not None and cached[0]() is model and cached[1] == self._layout_key:
+            return self._norms
         by_id = {id(p): n for n, p in model.named_parameters()}
         missing = [i for i, p in enumerate(params) if id(p) not in by_id]
         if missing:
@@ -367,8 +461,9 @@ class SamOptimizer(torch.optim.Optimizer):
                 "model passed in (the second pass must substitute every one of them)"
             )
         names = [by_id[id(p)] for p in params]
-        self._module_names = (weakref.ref(model), key, names)
-        return names
+        self._module_names = (weakref.ref(model), self._layout_key, names)
+        self._norms = [m for m in model.modules() if isinstance(m, _NormBase)]
+        return self._norms
 
     def _stat_names(self) -> list[str]:
         params = getattr(self, "_params", [])
