@@ -125,6 +125,22 @@ def _segment(files: ExperimentFiles, tune_storage: str, tune_path: str, name: st
     return _Segment(sub, tune_path, name, f"{tune_path}/{name}")
 
 
+def _tune_state_readable(files: ExperimentFiles) -> bool:
+    """Whether the newest of Tune's ``experiment_state-*.json`` files in ``files`` parses."""
+    import json
+
+    names = sorted(
+        n for n in files.names() if n.startswith("experiment_state-") and n.endswith(".json")
+    )
+    if not names:
+        return False
+    try:
+        json.loads(files.read_text(names[-1]) or "")
+    except ValueError:
+        return False
+    return True
+
+
 def _done(state: Mapping[str, Any], trial_id: str) -> bool:
     return state["trials"].get(trial_id, {}).get("status") in tags.DONE_STATUSES
 
@@ -300,6 +316,17 @@ def run_study(
                         files, tune_storage, tune_path, part["name"]
                     )
                     again = tune.Tuner.can_restore(at.tune_path, storage_filesystem=tune_fs)
+                    if again and not _tune_state_readable(at.files):
+                        # Cut short when the storage filled up: Tune would restore no trials.
+                        print(
+                            f"Tune's saved state in {at.files.path} is damaged (written while "
+                            "the storage was full?): its unfinished trials start again from "
+                            "their first epoch; their MLflow runs keep the epochs logged",
+                            file=out,
+                            flush=True,
+                        )
+                        again = False
+                        todo = pending if study.search is None else todo
                     pruner = None
                     if not keep_final or tune_fs is not None:  # on a URI: deletions wait too
                         pruner = CheckpointPruner(

@@ -84,6 +84,15 @@ class ExperimentFiles:
         if self.exists():
             self.fs.delete_dir(self.base)
 
+    def names(self) -> list[str]:
+        """The names of the files directly in the experiment folder."""
+        import pyarrow.fs
+
+        if not self.exists():
+            return []
+        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self.base, recursive=False))
+        return [i.base_name for i in infos if i.type == pyarrow.fs.FileType.File]
+
     def subdirs(self) -> list[str]:
         """The names of the experiment's folders (one per Tune trial)."""
         import pyarrow.fs
