@@ -1,5 +1,9 @@
 """Run a study with Ray Tune: one Tune trial per expanded trial, tracked in MLflow from the driver.
 
+Long because ``run_study`` is the one place where a study's pieces meet (state, growth segments,
+tracking, callbacks, Tune's new run or restore, faults and the final outcome), kept in reading
+order rather than split into helpers that each need all of it.
+
 ``run_study(spec)`` is what ``samstudy study NAME`` calls. It wires the study package together:
 
 * ``searchspace``: grid studies become a ``tune.grid_search`` over the expanded trials; search
