@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import subprocess
+import sys
 import threading
 import zipfile
 from collections import Counter
@@ -244,6 +246,41 @@ def test_digits_split_is_fixed_and_stratified() -> None:
     c = build_data("digits", test_size=0.2, split_seed=1)
     assert not torch.equal(a.train_x, c.train_x)
     assert a.noise_rate == 0.0 and not a.augmentable
+
+
+@pytest.mark.parametrize(
+    ("test_size", "seed"), [(0.2, 0), (0.2, 1), (0.25, 7), (0.5, 3), (0.9, 11)]
+)
+def test_digits_match_scikit_learn(test_size: float, seed: int) -> None:
+    """Read without importing scikit-learn, yet the very arrays and split of
+    ``load_digits`` + ``train_test_split(stratify=y)``: trials keep their data."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    from samstudy.data.sources import load_digits
+
+    x, y = sk_digits(return_X_y=True)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=test_size, random_state=seed, stratify=y
+    )
+    raw = load_digits(test_size, seed)
+    assert np.array_equal(raw.train_y.numpy(), y_tr) and np.array_equal(raw.test_y.numpy(), y_te)
+    assert np.array_equal(
+        raw.train_x.reshape(len(y_tr), -1).numpy(), (x_tr / 16.0).astype(np.float32)
+    )
+    assert np.array_equal(
+        raw.test_x.reshape(len(y_te), -1).numpy(), (x_te / 16.0).astype(np.float32)
+    )
+
+
+def test_digits_load_without_scikit_learn() -> None:
+    """A worker's first digits trial does not pay scikit-learn's (and scipy's) import."""
+    code = (
+        "import sys; from samstudy.data import build_data; build_data('digits'); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_gaussian_binary_and_multiclass() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -71,24 +73,74 @@ class RawData:
     pad_value: torch.Tensor | None = None
 
 
-def load_digits(test_size: float, split_seed: int) -> RawData:
-    """scikit-learn's 8x8 digits (shipped with the package), pixels / 16, stratified split."""
-    from sklearn.datasets import load_digits as sk_digits
-    from sklearn.model_selection import train_test_split
+def digits_file() -> Path:
+    """The digits CSV that scikit-learn ships (``sklearn/datasets/data/digits.csv.gz``), found
+    without importing scikit-learn: its import (scipy with it) costs a Ray worker's first trial
+    about two seconds."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataNotFoundError(
+            "the digits data set comes with scikit-learn: pip install scikit-learn"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise DataNotFoundError(f"scikit-learn's digits file is missing: {path}")
+    return path
 
-    x, y = sk_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_size, random_state=split_seed, stratify=y
-    )
+
+def _approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """Samples per class in a stratified draw of ``draws``: scikit-learn's
+    ``utils.extmath._approximate_mode`` (floors, then the largest remainders, ties drawn)."""
+    continuous = counts / counts.sum() * draws
+    floored = np.floor(continuous)
+    need = int(draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add = min(len(inds), need)
+            floored[rng.choice(inds, size=add, replace=False)] += 1
+            need -= add
+            if need == 0:
+                break
+    return floored.astype(int)
+
+
+def stratified_split(y: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test indices, drawn exactly as scikit-learn's
+    ``train_test_split(..., test_size=test_size, random_state=seed, stratify=y)`` draws them
+    (its ``StratifiedShuffleSplit``), so a digits trial sees the same split as before; here the
+    split no longer moves with the installed scikit-learn version."""
+    n_test = math.ceil(test_size * len(y))
+    n_train = len(y) - n_test
+    _, y_index, counts = np.unique(y, return_inverse=True, return_counts=True)
+    by_class = np.split(np.argsort(y_index, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(counts, n_train, rng)
+    t_i = _approximate_mode(counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i, members in enumerate(by_class):
+        drawn = members.take(rng.permutation(counts[i]), mode="clip")
+        train.extend(drawn[: n_i[i]])
+        test.extend(drawn[n_i[i] : n_i[i] + t_i[i]])
+    return rng.permutation(train), rng.permutation(test)
+
+
+def load_digits(test_size: float, split_seed: int) -> RawData:
+    """scikit-learn's 8x8 digits (read from its shipped file), pixels / 16, stratified split."""
+    table = np.loadtxt(digits_file(), delimiter=",")
+    x, y = table[:, :-1], table[:, -1].astype(int)
+    train, test = stratified_split(y, test_size, split_seed)
 
     def images(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy((a / 16.0).astype(np.float32)).reshape(-1, 1, 8, 8)
 
     return RawData(
-        images(x_tr),
-        torch.from_numpy(y_tr).long(),
-        images(x_te),
-        torch.from_numpy(y_te).long(),
+        images(x[train]),
+        torch.from_numpy(y[train]).long(),
+        images(x[test]),
+        torch.from_numpy(y[test]).long(),
         num_classes=10,
     )
 
