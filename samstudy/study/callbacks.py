@@ -351,10 +351,15 @@ class OutcomeCallback(Callback):
         """The Tune trials that failed for good in this run, with their failure."""
         return list(self._failed)
 
-    def _record(self, trial: Any, status: str, failure: Failure | None = None) -> None:
+    def _record(
+        self, trial: Any, status: str, failure: Failure | None = None, started: bool = False
+    ) -> None:
         samstudy_trial = self.resolver.of(trial)
-        last = trial.last_result or {}
-        epoch = failure.epoch if failure is not None else last.get("epoch")
+        if started:  # the epoch an earlier run recorded: `trial.last_result` would wait for the
+            # new worker's first answer, with the next trial's start held up behind it
+            epoch = self.state["trials"].get(samstudy_trial["trial_id"], {}).get("epoch")
+        else:
+            epoch = failure.epoch if failure is not None else (trial.last_result or {}).get("epoch")
         record = {
             "name": samstudy_trial["name"],
             "status": status,
@@ -378,7 +383,7 @@ class OutcomeCallback(Callback):
 
     def on_trial_start(self, trial: Any, **info: Any) -> None:
         self._running[trial.trial_id] = trial
-        self._record(trial, "running")
+        self._record(trial, "running", started=True)
 
     def on_trial_complete(self, trial: Any, **info: Any) -> None:
         self._running.pop(trial.trial_id, None)

@@ -81,6 +81,7 @@ from samstudy.study.tracking import StudyTracker
 from samstudy.study.tuneconfig import (
     quiet_tune,
     trial_dirname,
+    trial_finished,
     tune_config,
     tune_env,
     tune_switches,
@@ -364,6 +365,7 @@ def run_study(
                                         num_to_keep=study.checkpoints.keep
                                     ),
                                     callbacks=run_config_callbacks(),
+                                    stop=trial_finished,
                                     verbose=0,
                                 ),
                             )
