@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import subprocess
 import sys
@@ -246,6 +247,46 @@ def test_digits_split_is_fixed_and_stratified() -> None:
     c = build_data("digits", test_size=0.2, split_seed=1)
     assert not torch.equal(a.train_x, c.train_x)
     assert a.noise_rate == 0.0 and not a.augmentable
+
+
+def test_a_process_reads_its_data_set_once(
+    cifar10_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reused Ray worker reads, checks and normalises CIFAR once (and moves its images to the
+    device once); every trial still gets its own noisy labels, equal to a fresh load's."""
+    from samstudy.data import bundle
+
+    reads: list[bool] = []
+    checked = TORCHVISION_CLASSES["cifar10"]
+
+    class Counting(checked):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            reads.append(True)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setitem(TORCHVISION_CLASSES, "cifar10", Counting)
+    bundle.clear_cache()
+    kw = {"root": cifar10_root, "noise_kind": "symmetric", "noise_rate": 0.4}
+    a = build_data("cifar10", noise_seed=1, **kw)
+    b = build_data("cifar10", noise_seed=2, **kw)
+    half = build_data("cifar10", noise_seed=2, train_fraction=0.5, **kw)
+    assert len(reads) == 2  # the training and the test set, once
+    assert a.train_x is b.train_x and a.test_x is b.test_x
+    assert not torch.equal(a.train_y, b.train_y)
+    fields = ("train_x", "train_y", "train_y_true", "train_noisy", "test_x", "test_y")
+    for kept in (b, half):
+        bundle.clear_cache()
+        fraction = 0.5 if kept is half else 1.0
+        fresh = build_data("cifar10", noise_seed=2, train_fraction=fraction, **kw)
+        assert all(torch.equal(getattr(fresh, f), getattr(kept, f)) for f in fields)
+    assert len(reads) == 6
+    # Files touched on disk: read again.
+    batch = cifar10_root / "cifar-10-batches-py" / "test_batch"
+    info = batch.stat()
+    os.utime(batch, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
+    build_data("cifar10", noise_seed=2, **kw)
+    assert len(reads) == 8
+    bundle.clear_cache()
 
 
 @pytest.mark.parametrize(

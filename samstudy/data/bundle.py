@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -13,7 +14,7 @@ from samstudy.paths import absolute_path
 
 from .loaders import DeviceLoader, SequentialLoader, TorchvisionLoader
 from .noise import NOISE_KINDS, apply_noise
-from .sources import RawData, load_cifar, load_digits, load_gaussian
+from .sources import RawData, cifar_fingerprint, load_cifar, load_digits, load_gaussian
 from .subset import stratified_subset
 
 DATASETS = ("digits", "cifar10", "cifar100", "gaussian")
@@ -146,6 +147,46 @@ def _fits(nbytes: int, device: torch.device, fraction: float) -> bool:
     return nbytes <= fraction * free
 
 
+# What a process keeps between trials (a reused Ray worker runs trial after trial on one data
+# set): the last raw data set loaded (CIFAR: seconds of reading, checking and normalising) and
+# its images on the last device used. One of each, so a worker that changes data set or device
+# frees the old one. Nothing downstream writes into these tensors (loaders gather, augmentation
+# builds new ones).
+_RAW: dict[tuple, RawData] = {}
+_PLACED: dict[tuple, torch.Tensor] = {}
+
+
+def _cached(key: tuple, load: Callable[[], RawData]) -> tuple[tuple, RawData]:
+    """``(key, raw)``: the raw data set of ``key``, loaded by ``load`` unless this process
+    loaded it last."""
+    if key not in _RAW:
+        _RAW.clear()
+        _PLACED.clear()
+        _RAW[key] = load()
+    return key, _RAW[key]
+
+
+def _on_device(key: tuple, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``, copied once per (``key``, device) for as long as the data set
+    stays the process's last; ``key`` names where the tensor came from."""
+    if tensor.device == device:
+        return tensor
+    if key[-1] is False:  # a subset: its own tensor, not cached
+        return tensor.to(device)
+    slot = (*key, str(device))
+    if slot not in _PLACED:
+        for old in [k for k in _PLACED if k[1] == key[1]]:
+            del _PLACED[old]  # one device copy per part
+        _PLACED[slot] = tensor.to(device)
+    return _PLACED[slot]
+
+
+def clear_cache() -> None:
+    """Forget the data this process keeps between trials (tests; freeing device memory)."""
+    _RAW.clear()
+    _PLACED.clear()
+
+
 def build_data(
     name: str,
     *,
@@ -178,13 +219,19 @@ def build_data(
         raise ValueError(f"unknown noise kind {noise_kind!r}; allowed: {', '.join(NOISE_KINDS)}")
     raw: RawData
     if name == "digits":
-        raw = load_digits(test_size, split_seed)
+        key, raw = _cached(
+            (name, test_size, split_seed), lambda: load_digits(test_size, split_seed)
+        )
     elif name == "gaussian":
-        raw = load_gaussian(synthetic, split_seed)
+        spec = json.dumps(synthetic or {}, sort_keys=True)
+        key, raw = _cached((name, spec, split_seed), lambda: load_gaussian(synthetic, split_seed))
     else:
-        raw = load_cifar(name, root, download)
+        key, raw = _cached(
+            (name, *cifar_fingerprint(name, root)), lambda: load_cifar(name, root, download)
+        )
+    whole = train_fraction == 1.0
     keep = stratified_subset(raw.train_y, train_fraction, split_seed)
-    if noise_kind != "human":  # noise is drawn on the subset: its rate is the subset's
+    if noise_kind != "human" and not whole:  # noise is drawn on the subset: its rate is its own
         raw = replace(raw, train_x=raw.train_x[keep], train_y=raw.train_y[keep])
     noisy_y = apply_noise(
         raw.train_y,
@@ -196,14 +243,17 @@ def build_data(
         label_file=absolute_path(label_file) if label_file else None,
         label_key=label_key,
     )
-    if noise_kind == "human":  # CIFAR-N labels name every sample of the full set: then subset
+    if noise_kind == "human" and not whole:  # CIFAR-N labels name every sample: then subset
         raw = replace(raw, train_x=raw.train_x[keep], train_y=raw.train_y[keep])
         noisy_y = noisy_y[keep]
     target = resolve_device(device)
     tensors = [raw.train_x, noisy_y, raw.train_y, noisy_y != raw.train_y, raw.test_x, raw.test_y]
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     place = target if _fits(nbytes, target, device_fraction) else torch.device("cpu")
-    train_x, train_y, train_y_true, train_noisy, test_x, test_y = (t.to(place) for t in tensors)
+    train_y, train_y_true, train_noisy, test_y = (t.to(place) for t in tensors[1:4] + tensors[5:])
+    # The images are the same for every trial of the data set: moved to the device once.
+    train_x = _on_device((key, "train", whole), raw.train_x, place)
+    test_x = _on_device((key, "test"), raw.test_x, place)
     return DataBundle(
         name=name,
         train_x=train_x,

@@ -185,6 +185,20 @@ def load_gaussian(synthetic: Mapping[str, Any] | None, seed: int) -> RawData:
     return RawData(train_x, train_y, test_x, test_y, num_classes=k)
 
 
+def cifar_fingerprint(name: str, root: str | Path) -> tuple[Any, ...]:
+    """What a load of ``name`` from ``root`` would read: the folder, the reader class (tests put
+    their own in ``TORCHVISION_CLASSES``) and each file's name, size and modification time, so
+    a data set cached in a process is read again once its files change."""
+    cls = cifar_class(name)
+    folder = resolve_root(root)
+    files: list[tuple[str, int, int]] = []
+    with contextlib.suppress(OSError):  # absent: the load says so
+        for path in sorted((folder / getattr(cls, "base_folder", "")).iterdir()):
+            info = path.stat()
+            files.append((path.name, info.st_size, info.st_mtime_ns))
+    return (str(folder), cls, tuple(files))
+
+
 def load_cifar(name: str, root: str | Path, download: bool) -> RawData:
     """CIFAR-10/100 through torchvision, normalised with the standard mean/std.
 
