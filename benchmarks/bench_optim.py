@@ -203,6 +203,9 @@ SGD_KNOBS: dict[str, Any] = {"lr": 0.0, "momentum": 0.9, "weight_decay": 5e-4}
 RHO = 0.05
 # Targets of issue 14; None: the row states a cost (m-sharpness, the quantile clamp) or informs.
 SAM_VS_PORT, SAM_VS_BARE, VARIANT_VS_SAM, STATS_VS_OFF = 1.00, 1.10, 1.05, 1.02
+# The statistics row (its 'before' figure: the code before issue 14 at its default, every 4th step)
+STATS_ROW = "statistics at the default vs off"
+MODELS = ("resnet18", "mlp")
 OFF = {"stats": False}
 LOSS = torch.nn.functional.cross_entropy
 
@@ -352,7 +355,7 @@ BEFORE: dict[str, dict[str, float]] = {
     "resnet18": {
         "sam vs port-style loop": 1.015,
         "sam vs bare two passes + SGD": 1.034,
-        "statistics at the default (every 4th step) vs off": 1.019,
+        STATS_ROW: 1.019,
         "same [1,0,0,0] vs sam, statistics off": 1.119,
         "custom_same [0.5,0,-0.5,1] vs sam, statistics off": 1.049,
         "sam_magnitude_sgd_sign vs sam, statistics off": 1.024,
@@ -373,7 +376,7 @@ BEFORE: dict[str, dict[str, float]] = {
     "mlp": {
         "sam vs bare two passes + SGD": 1.272,
         "sam vs port-style loop": 1.129,
-        "statistics at the default (every 4th step) vs off": 1.116,
+        STATS_ROW: 1.116,
         "same [1,0,0,0] vs sam, statistics off": 1.152,
         "custom_same [0.5,0,-0.5,1] vs sam, statistics off": 1.324,
         "sam_magnitude_sgd_sign vs sam, statistics off": 1.201,
@@ -418,7 +421,7 @@ def _target_rows(model, key: str, batch: int) -> list[TargetRow]:
     )
     rows.append(
         (
-            "statistics at the default (every 4th step) vs off",
+            STATS_ROW,
             lambda: _sam(model, sam),
             lambda: _sam(model, off),
             STATS_VS_OFF,
@@ -468,13 +471,55 @@ TARGET_HEADER = [
 ]
 
 
-def targets_section(quick: bool = False) -> str:
-    """Issue 14's targets in one run, one thread: ResNet-18 batch 128 and the digits MLP batch
-    64; every row with its target, its verdict and its figure before the work."""
+def _resnet_rows(quick: bool, verdicts: list) -> list[str]:
+    """ResNet-18 batch 128 (32 when quick): blocks of 4 steps."""
     import torchvision
 
+    torch.manual_seed(0)
+    batch = 32 if quick else 128
+    pairs = 2 if quick else 5
+    model = torchvision.models.resnet18(num_classes=10)
+    xy = (torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,)))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    out = [
+        f"### ResNet-18 (torchvision, 11.2M parameters), batch {batch}, CPU; blocks of 4 "
+        f"steps, {pairs} pairs; load average {load:.1f} at start",
+        "",
+        *TARGET_HEADER,
+    ]
+    out += _run_rows("resnet18", _target_rows(model, "resnet18", batch), [xy] * 4, pairs, verdicts)
+    return out + [""]
+
+
+def _mlp_rows(quick: bool, verdicts: list) -> list[str]:
+    """The digits MLP batch 64: blocks of one epoch."""
     from samstudy.data import build_data
     from samstudy.models import create_model
+
+    digits = build_data("digits", noise_kind="symmetric", noise_rate=0.4)
+    loader = digits.train_loader(64, seed=0)
+    loader.set_epoch(0)
+    epoch = [(x, y) for x, y, *_ in loader]
+    torch.manual_seed(0)
+    model = create_model("mlp", 10, digits.in_shape)
+    pairs = 5 if quick else 15
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    out = [
+        f"### digits 8x8, mlp 512x2 (0.3M parameters), batch 64, CPU; blocks of one epoch "
+        f"({len(epoch)} steps), {pairs} pairs; load average {load:.1f} at start",
+        "",
+        *TARGET_HEADER,
+    ]
+    out += _run_rows("mlp", _target_rows(model, "mlp", 64), epoch, pairs, verdicts)
+    return out + [""]
+
+
+def targets_section(quick: bool = False, models: tuple[str, ...] = MODELS) -> str:
+    """Issue 14's targets in one run, one thread: ResNet-18 batch 128 and the digits MLP batch
+    64 (``models``: a subset of ``MODELS``); every row with its target, its verdict and its
+    figure before the work."""
+
+    from samstudy.optim.config import DEFAULT_STATS_EVERY
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -485,51 +530,24 @@ def targets_section(quick: bool = False) -> str:
         "Each row alternates blocks of its variant and of its reference (one warm-up block each, "
         "compiling included; then pairs in alternating order). A block is a few steps plus the "
         "per-epoch `read_stats`, so it starts with a measured step as an epoch does (blocks of "
-        "4 steps on ResNet-18: one measured step in four, as `stats_every: 4`). Every step is "
+        "4 steps on ResNet-18: one measured step in four, more than the default "
+        f"`stats_every: {DEFAULT_STATS_EVERY}` measures, so its statistics row is an upper bound; "
+        "an MLP block is a whole epoch, measured as the default measures it). Every step is "
         "timed on its own; a side's cost is the mean over the block's positions of the fastest "
         "time at that position. Ratio: variant / reference by process CPU time (the verdict: "
         "other jobs on this shared 2-core machine inflate wall time, not this process's CPU "
         "time), with the wall-time ratio and the median of whole-block CPU ratios beside it. "
         "`lr = 0` keeps the work of every step identical. Preset, ascent and second-gradient "
         "rows compare with plain `sam`, both with statistics off (the rule's own cost). "
-        "'before': the same rows on the code before this work (commit fbd2924), this machine.",
+        "'before': the same rows on the code before this work (commit fbd2924, statistics "
+        "every 4th step by default), this machine.",
         "",
     ]
     try:
-        torch.manual_seed(0)
-        batch = 32 if quick else 128
-        pairs = 2 if quick else 5
-        model = torchvision.models.resnet18(num_classes=10)
-        xy = (torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,)))
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        out += [
-            f"### ResNet-18 (torchvision, 11.2M parameters), batch {batch}, CPU; blocks of 4 "
-            f"steps, {pairs} pairs; load average {load:.1f} at start",
-            "",
-            *TARGET_HEADER,
-        ]
-        out += _run_rows(
-            "resnet18", _target_rows(model, "resnet18", batch), [xy] * 4, pairs, verdicts
-        )
-        out.append("")
-        del model
-
-        digits = build_data("digits", noise_kind="symmetric", noise_rate=0.4)
-        loader = digits.train_loader(64, seed=0)
-        loader.set_epoch(0)
-        epoch = [(x, y) for x, y, *_ in loader]
-        torch.manual_seed(0)
-        model = create_model("mlp", 10, digits.in_shape)
-        mlp_pairs = 5 if quick else 15
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        out += [
-            f"### digits 8x8, mlp 512x2 (0.3M parameters), batch 64, CPU; blocks of one epoch "
-            f"({len(epoch)} steps), {mlp_pairs} pairs; load average {load:.1f} at start",
-            "",
-            *TARGET_HEADER,
-        ]
-        out += _run_rows("mlp", _target_rows(model, "mlp", 64), epoch, mlp_pairs, verdicts)
-        out.append("")
+        if "resnet18" in models:
+            out += _resnet_rows(quick, verdicts)
+        if "mlp" in models:
+            out += _mlp_rows(quick, verdicts)
     finally:
         torch.set_num_threads(threads)
     missed = [
@@ -592,3 +610,13 @@ def run(quick: bool = False) -> str:
         name = torch.cuda.get_device_name()
         lines += _section(f"Every row, GPU ({name})", gpu_rows, model, x, y, pairs, 2, batch)
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # issue 14's target table alone: python -m benchmarks.bench_optim
+    import argparse
+
+    parser = argparse.ArgumentParser(description="issue 14's target table (printed, not saved)")
+    parser.add_argument("--only-model", action="append", choices=MODELS, help="repeatable")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(targets_section(args.quick, tuple(args.only_model or MODELS)), flush=True)

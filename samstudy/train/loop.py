@@ -40,8 +40,10 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 EVAL_BATCH_SIZE = 512
 # Config fields (dotted) that may differ between a checkpoint and the run resuming it: they do not
 # change the trajectory (threads, checkpoint cadence, loader workers) or only say where to run it
-# (device, data folder): the placement fields that are no part of a trial's id.
-RESUME_MAY_DIFFER = frozenset(PLACEMENT_PATHS)
+# (device, data folder): the placement fields that are no part of a trial's id. And how often the
+# optimizer measures its statistics (they never change an update; its default went from 4 to 32,
+# and checkpoints record the value in force when they were made).
+RESUME_MAY_DIFFER = frozenset({*PLACEMENT_PATHS, "optimizer.stats_every"})
 
 
 def autocast_context(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
