@@ -32,7 +32,7 @@ ROWS: list[Row] = [
     ("sgd (one pass) vs sam", {"name": "sgd", "stats": False}, None),
     ("sam, statistics on every step vs off", {"name": "sam", "stats_every": 1}, None),
     (
-        "sam, statistics on (default: every 4th step) vs off",
+        "sam, statistics on every 4th step (the earlier default) vs off",
         {"name": "sam", "stats": True, "stats_every": 4},
         None,
     ),
@@ -97,7 +97,7 @@ EAGER_ROWS: list[Row] = [
         None,
     ),
     (
-        "sam, statistics on (default: every 4th step) vs off, eager",
+        "sam, statistics on every 4th step (the earlier default) vs off, eager",
         {"name": "sam", "stats": True, "stats_every": 4, "compile": False},
         None,
     ),
@@ -157,12 +157,12 @@ def _pair(model, x, y, variant: dict, ref: dict, pairs: int, warmup: int) -> dic
 HEADLINE = (
     "sgd (one pass) vs sam",
     "sam, statistics on every step vs off",
-    "sam, statistics on (default: every 4th step) vs off",
+    "sam, statistics on every 4th step (the earlier default) vs off",
     "same [1, 0, 0, 0]",
     "custom_same [0.5, 0, -0.5, 0.5]",
     "table (all 8 coefficients)",
     "table (all 8 coefficients), eager rule",
-    "sam, statistics on (default: every 4th step) vs off, eager",
+    "sam, statistics on every 4th step (the earlier default) vs off, eager",
 )
 
 
