@@ -318,3 +318,18 @@ def test_eta_from_measured_epoch_times() -> None:
     assert eta_seconds([], 3, None, 1) is None  # nothing measured yet: no guess
     assert eta_seconds([], 0, None, 1) == 0.0
     assert [duration(s) for s in (42, 1020, 12600)] == ["42 s", "17 min", "3.5 h"]
+
+
+def test_a_trial_error_hides_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial's error reaches MLflow tags, the console and the state file: a password in a
+    URI it quotes, or the value of a secret variable, is hidden before any of them sees it."""
+    from samstudy.study.failures import describe
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-token")
+    try:
+        raise ConnectionError("no answer at postgresql://alice:s3cr3t@db/mlflow (hunter2-token)")
+    except ConnectionError as exc:
+        failure = describe(exc, epoch=3)
+    for text in (failure.message, failure.traceback, failure.summary):
+        assert "s3cr3t" not in text and "hunter2-token" not in text
+    assert "postgresql://alice:***@db/mlflow" in failure.message

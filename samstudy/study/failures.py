@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from samstudy.paths import redact
+
 ERROR = "_error"  # result key of the error record (``_``: never logged as a metric)
 # Deterministic set-up errors: the same config on the same data raises them again.
 _SETUP_ERRORS: tuple[type[BaseException], ...] = (
@@ -107,10 +109,12 @@ def is_retryable(exc: BaseException, started: bool) -> bool:
 def describe(exc: BaseException, epoch: int | None = None) -> Failure:
     """The :class:`Failure` of ``exc`` raised in a trial whose last finished epoch is ``epoch``
     (None: it failed before finishing one in this attempt)."""
+    # Redacted here, where the error is first put in words: it goes to MLflow tags, the console
+    # and the state file, and may quote a tracking or storage URI with its password.
     return Failure(
         type=type(exc).__name__,
-        message=str(exc) or repr(exc),
-        traceback="".join(traceback.format_exception(exc)),
+        message=redact(str(exc) or repr(exc)),
+        traceback=redact("".join(traceback.format_exception(exc))),
         retryable=is_retryable(exc, epoch is not None),
         epoch=epoch,
         storage=is_storage_error(exc),
@@ -145,9 +149,9 @@ def from_tune_error(trial: Any) -> Failure:
         text = trial.get_error() or ""
     except Exception:  # noqa: BLE001
         text = ""
-    last = [line for line in str(text or exc or "").splitlines() if line.strip()]
+    last = [line for line in redact(text or exc or "").splitlines() if line.strip()]
     message = last[-1] if last else "unknown error (no error record; see Ray's logs)"
-    return Failure("TrialError", message, str(text), True, None, where)
+    return Failure("TrialError", message, redact(text), True, None, where)
 
 
 def failure_table(rows: list[tuple[str, Failure]], width: int = 160) -> str:
