@@ -333,3 +333,39 @@ def test_a_trial_error_hides_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     for text in (failure.message, failure.traceback, failure.summary):
         assert "s3cr3t" not in text and "hunter2-token" not in text
     assert "postgresql://alice:***@db/mlflow" in failure.message
+
+
+class _ErroredTrial:
+    """What the failure book reads of a Tune trial whose worker sent no error record."""
+
+    trial_id = "t1"
+    max_failures = 3
+    error_file = None
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def get_pickled_error(self) -> None:
+        raise FileNotFoundError("no pickled error")
+
+    def get_error(self) -> str:
+        return "Traceback (most recent call last):\nRuntimeError: boom"
+
+
+@pytest.mark.parametrize(
+    ("scheme", "path", "shown"),
+    [
+        ("s3", "bucket/studies/q/trial_1", "s3://bucket/studies/q/trial_1/error.txt"),
+        ("", "/data/ray/q/trial_1", "/data/ray/q/trial_1/error.txt"),
+    ],
+)
+def test_the_error_file_is_named_where_a_user_opens_it(scheme: str, path: str, shown: str) -> None:
+    """On S3, Tune knows the trial's folder without its scheme; the failure names the URI."""
+    from samstudy.study.callbacks import FailureBook
+
+    book = FailureBook(3, scheme)
+    trial = _ErroredTrial(path)
+    book.on_trial_error(trial)
+    failure = book.take(trial)
+    assert failure.error_file == shown
+    assert failure.summary == "TrialError: RuntimeError: boom"

@@ -197,8 +197,11 @@ class FailureBook(Callback):
     error when the trial sent none) once per event.
     """
 
-    def __init__(self, max_failures: int) -> None:
+    def __init__(self, max_failures: int, scheme: str = "") -> None:
         self.max_failures = max_failures
+        # Tune knows a URI storage by its path on the filesystem (``bucket/prefix/...``): the
+        # scheme (``s3``) makes the error file's place one a user can open.
+        self.scheme = scheme
         self._sent: dict[str, Failure] = {}  # Tune trial id -> record of the failing attempt
         self._event: dict[str, Failure] = {}  # Tune trial id -> failure of the current event
         self.final: dict[str, Failure] = {}  # Tune trial id -> why it failed for good
@@ -229,8 +232,11 @@ class FailureBook(Callback):
 
     def _settle(self, trial: Any) -> Failure:
         failure = self._sent.pop(trial.trial_id, None) or from_tune_error(trial)
-        if not failure.error_file:
-            failure = Failure(**{**failure.to_dict(), "error_file": error_file(trial)})
+        where = failure.error_file or error_file(trial)
+        if self.scheme and where and "://" not in where:
+            where = f"{self.scheme}://{where.lstrip('/')}"
+        if where != failure.error_file:
+            failure = Failure(**{**failure.to_dict(), "error_file": where})
         self._event[trial.trial_id] = failure
         return failure
 

@@ -280,7 +280,8 @@ def run_study(
             save_state(files, state)
             resolver = TrialResolver(study, root, bool(state.get("config_ids")))
             # Tune restores the retries an experiment started with; so does the book.
-            book = FailureBook(int(state.get("max_failures", max_failures)))
+            scheme = path.split("://", 1)[0] if is_uri(path) else ""
+            book = FailureBook(int(state.get("max_failures", max_failures)), scheme)
             tracking = TrackingCallback(tracker, resolver, book)
             if restoring:
                 replayed = sum(reconcile(w.files, tracking, state) for w in where.values())
