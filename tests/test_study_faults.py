@@ -8,6 +8,7 @@ cannot mount one) and a Ray head started with the ``ray start`` command line.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -229,38 +230,50 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 
 
 class BreakStorage(Callback):
-    """Fills ``mount`` (or remounts it read-only) once a trial reached ``epoch``."""
+    """Fills ``mount`` (or remounts it read-only) once a trial reached ``epoch``. A full disk
+    stays full: whatever the study frees later (a finished trial's checkpoints are deleted) is
+    taken again at its next event, as other writers to a full disk would take it."""
 
     def __init__(self, mount: Path, how: str, epoch: int = 3) -> None:
         self.mount, self.how, self.epoch, self.broken = mount, how, epoch, False
+        self._fills = 0
 
     def on_trial_result(self, result: dict, **info: Any) -> None:
-        if self.broken or result.get("epoch", 0) < self.epoch:
+        if self.broken:
+            self._top_up()
+            return
+        if result.get("epoch", 0) < self.epoch:
             return
         self.broken = True
         if self.how == "read-only":
             subprocess.run(["mount", "-o", "remount,ro", str(self.mount)], check=True)
             return
-        with open(self.mount / "filler", "wb") as f:  # noqa: PTH123
-            try:
-                while True:
-                    f.write(b"\0" * (1 << 20))
-                    f.flush()
-            except OSError:
-                pass
+        self._top_up()
+
+    def on_trial_complete(self, **info: Any) -> None:
+        if self.broken:
+            self._top_up()
+
+    def _top_up(self) -> None:
+        if self.how != "full":
+            return
+        self._fills += 1
+        with contextlib.suppress(OSError), open(self.mount / f"filler{self._fills}", "wb") as f:  # noqa: PTH123
+            while True:
+                f.write(b"\0" * (1 << 16))
+                f.flush()
 
     def repair(self) -> None:
         if self.how == "read-only":
             subprocess.run(["mount", "-o", "remount,rw", str(self.mount)], check=True)
         else:
-            (self.mount / "filler").unlink()
+            for filler in self.mount.glob("filler*"):
+                filler.unlink()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["full", "read-only"])
-def test_storage_fault_stops_the_study_resumable(
-    small_fs: Path, tmp_path: Path, how: str
-) -> None:
+def test_storage_fault_stops_the_study_resumable(small_fs: Path, tmp_path: Path, how: str) -> None:
     from samstudy.study.runner import run_study
     from samstudy.study.spec import study_from_mapping
 
