@@ -199,9 +199,7 @@ class FailureBook(Callback):
 
     def __init__(self, max_failures: int, scheme: str = "") -> None:
         self.max_failures = max_failures
-        # Tune knows a URI storage by its path on the filesystem (``bucket/prefix/...``): the
-        # scheme (``s3``) makes the error file's place one a user can open.
-        self.scheme = scheme
+        self.scheme = scheme  # of a URI storage, which Tune knows as bucket/prefix/... only
         self._sent: dict[str, Failure] = {}  # Tune trial id -> record of the failing attempt
         self._event: dict[str, Failure] = {}  # Tune trial id -> failure of the current event
         self.final: dict[str, Failure] = {}  # Tune trial id -> why it failed for good
@@ -366,12 +364,8 @@ class OutcomeCallback(Callback):
             epoch = self.state["trials"].get(samstudy_trial["trial_id"], {}).get("epoch")
         else:
             epoch = failure.epoch if failure is not None else (trial.last_result or {}).get("epoch")
-        record = {
-            "name": samstudy_trial["name"],
-            "status": status,
-            "epoch": epoch,
-            "tune_trial_id": trial.trial_id,
-        }
+        name = samstudy_trial["name"]
+        record = {"name": name, "status": status, "epoch": epoch, "tune_trial_id": trial.trial_id}
         if failure is not None:
             record["error"] = failure.summary
             record["retryable"] = failure.retryable
