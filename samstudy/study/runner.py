@@ -81,7 +81,6 @@ from samstudy.study.tracking import StudyTracker
 from samstudy.study.tuneconfig import (
     quiet_tune,
     trial_dirname,
-    trial_finished,
     tune_config,
     tune_env,
     tune_switches,
@@ -366,7 +365,6 @@ def run_study(
                                         num_to_keep=study.checkpoints.keep
                                     ),
                                     callbacks=run_config_callbacks(),
-                                    stop=trial_finished,
                                     verbose=0,
                                 ),
                             )

@@ -97,13 +97,6 @@ def tune_env(switches: Mapping[str, str]) -> Iterator[None]:
             os.environ.pop(key, None)
 
 
-def trial_finished(trial_id: str, result: dict[str, Any]) -> bool:
-    """``RunConfig.stop``: a trial's last epoch (status ``completed`` or ``diverged``) ends it at
-    once, so its worker takes the next trial without a further round trip to learn that the
-    function returned. Module-level: Tune pickles it into the experiment, by this path."""
-    return result.get("status") in ("completed", "diverged")
-
-
 def tune_config(study: StudySpec, reuse_actors: bool) -> Any:
     from ray import tune
 
