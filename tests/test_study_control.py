@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from samstudy.study.control import request_stop
 from samstudy.study.state import ExperimentFiles
 from samstudy.study.worker import CHECKPOINT_FILE
+from tests.studies import digits_sam_base
 
 pytestmark = pytest.mark.slow
 
@@ -39,15 +40,8 @@ def samstudy(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def test_status_and_stop_from_another_shell_then_resume(tmp_path: Path) -> None:
     study = {
         "name": "ctl",
-        "base": {
-            "data": {"name": "digits"},
-            "model": {"name": "mlp"},
-            "optimizer": {"name": "sam", "lr": 0.05, "rho": 0.05},
-            "epochs": EPOCHS,
-            "threads": 1,
-            "device": "cpu",
-            "checkpoint_every": 0,  # no checkpoints but the one each trial saves when stopped
-        },
+        # no checkpoints but the one each trial saves when stopped
+        "base": digits_sam_base(EPOCHS, checkpoint_every=0),
         "seeds": [0, 1],
         "checkpoint_min_s": 0,
         "storage_path": str(tmp_path / "ray"),

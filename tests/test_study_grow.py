@@ -20,6 +20,7 @@ ray = pytest.importorskip("ray")
 
 from samstudy.study.runner import RunnerError, run_study  # noqa: E402
 from samstudy.study.spec import load_study  # noqa: E402
+from tests.studies import digits_sam_base  # noqa: E402
 
 EPOCHS = 3
 
@@ -34,14 +35,7 @@ def local_ray() -> Iterator[None]:
 def write(path: Path, **changes: Any) -> Path:
     study: dict[str, Any] = {
         "name": "grow",
-        "base": {
-            "data": {"name": "digits"},
-            "model": {"name": "mlp"},
-            "optimizer": {"name": "sam", "lr": 0.05, "rho": 0.05},
-            "epochs": EPOCHS,
-            "threads": 1,
-            "device": "cpu",
-        },
+        "base": digits_sam_base(EPOCHS),
         "grid": {"optimizer.name": ["sam", "sgd"]},
         "seeds": [0],
         "storage_path": str(path.parent / "ray"),

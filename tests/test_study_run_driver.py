@@ -19,6 +19,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from tests.studies import digits_sam_base
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,15 +30,7 @@ EPOCHS = 6
 def write_study(tmp: Path) -> Path:
     study = {
         "name": "interrupted",
-        "base": {
-            "data": {"name": "digits"},
-            "model": {"name": "mlp"},
-            "optimizer": {"name": "sam", "lr": 0.05, "rho": 0.05},
-            "epochs": EPOCHS,
-            "threads": 1,
-            "device": "cpu",
-            "checkpoint_every": 1,
-        },
+        "base": digits_sam_base(EPOCHS, checkpoint_every=1),
         "grid": {"seed": [0, 1, 2, 3]},
         "checkpoint_min_s": 0,  # every epoch's checkpoint kept: the rerun resumes mid-trial
         "storage_path": str(tmp / "ray"),
