@@ -138,8 +138,8 @@ def test_parameters_keep_their_storage_and_momentum():
 
 
 def test_packed_small_parameters_count_like_the_flat_path():
-    """The CPU path packs parameters of up to CHUNK / 2 elements together (a call per pack):
-    d and the per-tensor counts equal the gathered flat path's."""
+    """The chunked CPU path packs parameters of up to CHUNK / 2 elements together (a call per
+    pack): d and the per-tensor counts equal the gathered flat path's and the C loop's."""
     gen = torch.Generator().manual_seed(5)
     sizes = [7, 1, CHUNK // 2 - 1, 300, CHUNK + 17, 2 * CHUNK, 5, CHUNK // 2 + 1, 64] + [3] * 40
     shapes = [torch.Size([n]) for n in sizes]
@@ -152,21 +152,22 @@ def test_packed_small_parameters_count_like_the_flat_path():
             "table": {"coefficients": [[1, 0.5], [2, 1], [0.5, -1], [-1, 2]]},
             "custom_same": {"scales": [0.5, 0, -0.5, 1.0]},
         }.get(name, {})
-        rule = RegionRule(preset_table(name, **knobs))
         results = []
-        for flat in (False, True):
+        for flat, native in ((False, False), (True, False), (False, True)):
+            rule = RegionRule(preset_table(name, **knobs), native=native)
             space = FlatSpace(shapes, torch.device("cpu"), torch.float32)
             G, P = (space.gather("G", g), space.gather("P", gp)) if flat else (g, gp)
             D, counts, dots = rule.combine(space, G, P, measure=True)
             d = [v.clone() for v in space.views("D")] if D is not None else None
             results.append((d, counts, dots))
-        (d0, c0, s0), (d1, c1, s1) = results
-        assert torch.equal(c0, c1), name
+        d0, c0, s0 = results[0]
         # h > 0 and h <= 0 split exactly the coordinates where g != 0
         assert (c0[:, 0] + c0[:, 2]).tolist() == [int((t != 0).sum()) for t in g], name
-        if d0 is not None:
-            assert all(torch.equal(a, b) for a, b in zip(d0, d1, strict=True)), name
-        torch.testing.assert_close(s0, s1, rtol=1e-5, atol=1e-4)
+        for d1, c1, s1 in results[1:]:
+            assert torch.equal(c0, c1), name
+            if d0 is not None:
+                assert all(torch.equal(a, b) for a, b in zip(d0, d1, strict=True)), name
+            torch.testing.assert_close(s0, s1, rtol=1e-5, atol=1e-4)
 
 
 def test_gradients_laid_out_unlike_their_weights_use_kept_buffers():

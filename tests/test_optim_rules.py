@@ -61,10 +61,18 @@ def ref_direction(table, g: float, gp: float) -> float:
     return a * gp + b * g
 
 
-def run_rule(table, g: torch.Tensor, gp: torch.Tensor, compile: bool = False, flat: bool = True):
+def run_rule(
+    table,
+    g: torch.Tensor,
+    gp: torch.Tensor,
+    compile: bool = False,
+    flat: bool = True,
+    native: bool = True,
+):
     """Apply RegionRule on two fake parameter tensors covering g / gp; return (d, counts).
 
-    ``flat``: pass gathered flat buffers (the GPU path) or per-tensor lists (the CPU path)."""
+    ``flat``: pass gathered flat buffers (the GPU path) or per-tensor lists (the CPU path: the
+    C loop, or with ``native=False`` the chunked eager passes)."""
     n = g.numel()
     shapes = [torch.Size([n // 2]), torch.Size([n - n // 2])]
     space = FlatSpace(shapes, g.device, g.dtype)
@@ -72,7 +80,7 @@ def run_rule(table, g: torch.Tensor, gp: torch.Tensor, compile: bool = False, fl
     P = [gp[: n // 2], gp[n // 2 :]]
     if flat:
         G, P = space.gather("G", G), space.gather("P", P)
-    rule = RegionRule(table, compile=compile)
+    rule = RegionRule(table, compile=compile, native=native)
     D, thresholds, dots = rule.combine(space, G, P, measure=True)
     numels = torch.tensor(space.numels)
     counts = regions_from_thresholds(thresholds, numels)
@@ -146,11 +154,11 @@ def test_sgd_on_region_puts_sgd_only_on_its_region():
         assert [row == (0.0, 1.0) for row in table] == [i == k for i in range(1, 5)]
 
 
-@pytest.mark.parametrize("flat", [True, False])
+@pytest.mark.parametrize("path", ["flat", "native", "chunked"])
 @pytest.mark.parametrize("name", sorted(TABLES))
-def test_each_table_gives_its_direction_on_boundaries(name, flat):
+def test_each_table_gives_its_direction_on_boundaries(name, path):
     g, gp = boundary_pairs()
-    d, counts = run_rule(TABLES[name], g, gp, flat=flat)
+    d, counts = run_rule(TABLES[name], g, gp, flat=path == "flat", native=path == "native")
     assert_direction(TABLES[name], g, gp, d)
     direct = [0] * 5
     for a, b in zip(g.tolist(), gp.tolist(), strict=True):
@@ -263,7 +271,8 @@ def test_nan_free_on_zero_gradients():
 
 
 def test_chunked_path_matches_flat_path_across_chunk_edges():
-    """Tensors longer than a chunk: the CPU path (per-tensor, chunked) equals the flat path."""
+    """Tensors longer than a chunk: the CPU paths (the C loop; the chunked eager passes) equal
+    the flat path."""
     from samstudy.optim.flat import CHUNK
 
     gen = torch.Generator().manual_seed(3)
@@ -274,9 +283,10 @@ def test_chunked_path_matches_flat_path_across_chunk_edges():
     gp[::89] = g[::89]  # |g_p| = |g| boundaries
     for name in ("dense", "custom_same", "sgd_on_region"):
         d_flat, c_flat = run_rule(TABLES[name], g, gp, flat=True)
-        d_chunk, c_chunk = run_rule(TABLES[name], g, gp, flat=False)
-        assert torch.equal(d_flat, d_chunk), name
-        assert torch.equal(c_flat, c_chunk), name
+        for native in (True, False):
+            d_cpu, c_cpu = run_rule(TABLES[name], g, gp, flat=False, native=native)
+            assert torch.equal(d_flat, d_cpu), (name, native)
+            assert torch.equal(c_flat, c_cpu), (name, native)
     idx = region_index(g, gp)
     assert c_flat.sum(0).tolist() == [int((idx == k).sum()) for k in (1, 2, 3, 4, 0)]
 

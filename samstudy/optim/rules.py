@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from samstudy.optim import native
 from samstudy.optim.config import COMPILE_MODES
 from samstudy.optim.flat import BLOCK, FlatSpace
 from samstudy.optim.presets import IDENTITY, SAM_ROW, SGD_ROW, Table
@@ -88,6 +89,9 @@ class RegionRule:
 
     Eager mode builds d as g_p plus one fused multiply-add per group of regions sharing a
     coefficient pair (d = g_p + M * ((a - 1) g_p + b g), M an exact 0/1 mask of the group).
+    On CPU (float32 / float64) the same arithmetic runs as one C loop per tensor
+    (``samstudy.optim.native``: bit for bit the eager d, one pass instead of a dozen) unless
+    ``native=False`` or the library cannot be built.
     ``compile=True`` runs the whole rule as one ``torch.compile``d kernel over flat buffers
     instead (compiling costs seconds to a minute once per process and table); ``"auto"`` does
     so for CPU spaces of at least ``AUTO_COMPILE_MIN_NUMEL`` elements (GPUs stay eager: there
@@ -95,13 +99,15 @@ class RegionRule:
     the rule warns once and stays eager.
     """
 
-    def __init__(self, table: Table, compile: bool | str = False) -> None:
+    def __init__(self, table: Table, compile: bool | str = False, native: bool = True) -> None:
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile: expected true, false or 'auto', got {compile!r}")
         self.table = table
         self.identity = table == IDENTITY
         self.groups = _groups(table)
         self.compile = compile
+        self.native = native
+        self._native_rule: native.NativeRule | None = None
         self._coef: dict[torch.device, torch.Tensor] = {}  # the table as a compiled-kernel input
 
     def compiled_for(self, space: FlatSpace) -> bool:
@@ -136,6 +142,9 @@ class RegionRule:
                     return D, None, None
                 return D, space.segment_counts(blocks, "blocks"), dots.double()
         if isinstance(G, list):
+            rule = self._native_for(G, P)
+            if rule is not None:
+                return (D, *_native_combine(rule, space, G, P, D, measure))
             return (D, *self._chunked(space, G, P, D, measure))
         masks = _Masks(G, P, space.work(None))
         if D is not None:
@@ -146,6 +155,18 @@ class RegionRule:
         G32, P32 = (G, P) if G.dtype == space.acc_dtype else (G.float(), P.float())
         dots = torch.stack([torch.dot(G32, P32), torch.dot(P32, P32)]).double()
         return D, space.segment_counts(blocks, "blocks"), dots
+
+    def _native_for(self, G: list, P: list) -> native.NativeRule | None:
+        """The C loop for these tensors, or None (switched off, unbuildable, unsupported)."""
+        if not self.native or not native.NativeRule.supports(G + P):
+            return None
+        if self._native_rule is None:
+            lib = native.library()
+            if lib is None:
+                self.native = False
+                return None
+            self._native_rule = native.NativeRule(lib, self.groups)
+        return self._native_rule
 
     def _chunked(self, space, G: list, P: list, D, measure: bool):
         g_flat = [t.reshape(-1) for t in G]
@@ -231,6 +252,20 @@ class RegionRule:
             self.compile = False
             return False
         return True
+
+
+def _native_combine(rule: native.NativeRule, space: FlatSpace, G: list, P: list, D, measure: bool):
+    """``combine``'s (counts, dots) on CPU lists by the C loop, which writes d into ``D``."""
+    d_flat = space.views("D", shaped=False) if D is not None else [None] * len(G)
+    if not measure:
+        for g, gp, d in zip(G, P, d_flat, strict=True):
+            rule.run(g, gp, d)
+        return None, None
+    counts = torch.zeros(len(G), len(THRESHOLDS), dtype=torch.int64)
+    dots = torch.zeros(2, dtype=torch.float64)
+    for g, gp, d, row in zip(G, P, d_flat, counts, strict=True):
+        rule.run(g, gp, d, row, dots)
+    return counts, dots
 
 
 class _Masks:

@@ -1,0 +1,173 @@
+"""The C region rule (``samstudy.optim.native``) against the eager passes it replaces on CPU:
+d and the region counts bit for bit, the dot products to float64 accuracy, whole training runs
+identical; and the way it is built, cached, switched off and replaced when it cannot be built."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from samstudy.models import create_model
+from samstudy.optim import RegionRule, create_optimizer, native
+from samstudy.optim.flat import FlatSpace
+from tests.test_optim_rules import TABLES, boundary_and_random_pairs
+
+LOSS = torch.nn.functional.cross_entropy
+
+
+def combine(table, g: list[torch.Tensor], gp: list[torch.Tensor], use_native: bool, measure=True):
+    space = FlatSpace([t.shape for t in g], torch.device("cpu"), g[0].dtype)
+    rule = RegionRule(table, native=use_native)
+    D, counts, dots = rule.combine(space, g, gp, measure=measure)
+    if measure or not rule.identity:  # the path asked for ran
+        assert (rule._native_rule is not None) == use_native
+    d = [v.clone() for v in space.views("D")] if D is not None else None
+    return d, counts, dots
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_native_rule_equals_eager_bit_for_bit(name, dtype):
+    """Boundaries, zeros of both signs, subnormals and random pairs, in tensors of odd lengths
+    (the vector loop's tails), with and without measuring."""
+    g, gp = boundary_and_random_pairs(5000, seed=7)
+    g, gp = g.to(dtype), gp.to(dtype)
+    gp[100:400] = g[100:400] * torch.linspace(-2, 2, 300, dtype=dtype)  # r = +-1 included
+    spans = list(itertools.pairwise([0, 3, 40, 1017, 3000, len(g)]))
+    G = [g[a:b].clone() for a, b in spans]
+    G[2] = G[2].view(-1, 1)  # a 2-d parameter
+    P = [gp[a:b].clone().view_as(t) for (a, b), t in zip(spans, G, strict=True)]
+    for measure in (True, False):
+        d_c, c_c, s_c = combine(TABLES[name], G, P, use_native=True, measure=measure)
+        d_e, c_e, s_e = combine(TABLES[name], G, P, use_native=False, measure=measure)
+        if d_e is None:
+            assert d_c is None
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(d_c, d_e, strict=True)), name
+        if measure:
+            assert torch.equal(c_c, c_e), name
+            g64, gp64 = g.double(), gp.double()
+            want = torch.stack([g64 @ gp64, gp64 @ gp64])
+            torch.testing.assert_close(s_c, want, rtol=1e-12, atol=0)  # float64 sums
+            torch.testing.assert_close(s_e, want, rtol=1e-5, atol=1e-30)
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"name": "sam"},
+        {"name": "same", "scales": [1, 0, 0, 0]},
+        {"name": "custom_same", "scales": [1, 0, -0.5, 1]},
+        {"name": "saner", "alpha": 0.25},
+        {"name": "table", "coefficients": [[1, 0.5], [2, 1], [0.5, -1], [-1, 2]]},
+    ],
+    ids=lambda k: k["name"],
+)
+def test_training_with_the_native_rule_equals_eager(knobs):
+    """Ten steps of the digits-sized MLP with momentum and statistics on every step: the same
+    weights bit for bit, the same region counts, the same statistics to float32 accuracy."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen))
+        for _ in range(10)
+    ]
+    runs = []
+    for use_native in (True, False):
+        torch.manual_seed(0)
+        model = create_model("mlp", num_classes=10, in_shape=(1, 8, 8), width=64)
+        opt = create_optimizer(
+            model.named_parameters(), lr=0.1, momentum=0.9, rho=0.2, stats_every=1, **knobs
+        )
+        opt.rule.native = use_native
+        for x, y in batches:
+            opt.train_step(model, LOSS, x, y)
+        assert (opt.rule._native_rule is not None) == use_native
+        runs.append(([p.detach().clone() for p in model.parameters()], opt.read_stats()))
+    (w_n, s_n), (w_e, s_e) = runs
+    assert all(torch.equal(a, b) for a, b in zip(w_n, w_e, strict=True))
+    assert s_n.keys() == s_e.keys()
+    for key in s_e:
+        assert s_n[key] == pytest.approx(s_e[key], rel=1e-5, nan_ok=True), key
+
+
+def test_unsupported_tensors_take_the_eager_passes():
+    """Half precision and non-contiguous gradients (channels_last) stay on the eager path."""
+    g, gp = boundary_and_random_pairs(200, seed=1)
+    assert native.NativeRule.supports([g, gp])
+    assert not native.NativeRule.supports([g.half(), gp.half()])
+    x = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
+    assert not native.NativeRule.supports([x])
+    rule = RegionRule(TABLES["dense"])
+    space = FlatSpace([g.shape], torch.device("cpu"), torch.bfloat16)
+    D, counts, _ = rule.combine(space, [g.bfloat16()], [gp.bfloat16()], measure=True)
+    assert rule._native_rule is None and rule.native  # eager here, still native elsewhere
+    assert int(counts.sum()) > 0 and D is not None
+
+
+def _in_subprocess(code: str, **env: str) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, "-W", "always", "-c", code],
+        cwd=root,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+PROBE = """
+import torch
+from samstudy.optim import RegionRule, native
+from samstudy.optim.flat import FlatSpace
+g, gp = torch.randn(1000), torch.randn(1000)
+rule = RegionRule(((2.0, 0.0), (1.0, 0.0), (1.0, 0.0), (0.0, 1.0)))
+space = FlatSpace([g.shape], torch.device("cpu"), torch.float32)
+D, counts, dots = rule.combine(space, [g], [gp], measure=True)
+eager = RegionRule(rule.table, native=False)
+D2, counts2, _ = eager.combine(FlatSpace([g.shape], torch.device("cpu"), torch.float32), [g], [gp], measure=True)
+assert torch.equal(D, D2) and torch.equal(counts, counts2)
+print("native" if rule._native_rule is not None else "eager", native.cache_dir())
+"""
+
+
+def test_library_is_built_once_into_the_cache(tmp_path):
+    """A fresh cache gets one library; a second process loads it (no compiler needed then)."""
+    cache = tmp_path / "kernels"
+    first = _in_subprocess(PROBE, SAMSTUDY_KERNEL_CACHE=str(cache))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == ["native", str(cache)]
+    built = list(cache.glob("rule-*.so"))
+    assert len(built) == 1 and not [p for p in cache.iterdir() if p not in built]  # no temp left
+    mtime = built[0].stat().st_mtime_ns
+    again = _in_subprocess(PROBE, SAMSTUDY_KERNEL_CACHE=str(cache), PATH="/nonexistent")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split()[0] == "native"
+    assert built[0].stat().st_mtime_ns == mtime
+
+
+def test_without_a_compiler_the_rule_warns_once_and_stays_exact(tmp_path):
+    missing = str(tmp_path / "no-such-cc")
+    proc = _in_subprocess(
+        PROBE + "D3, *_ = rule.combine(space, [g], [gp], measure=False)\n",
+        SAMSTUDY_KERNEL_CACHE=str(tmp_path / "kernels"),
+        CC=missing,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == "eager"
+    assert proc.stderr.count("the C region rule could not be built") == 1, proc.stderr
+    assert missing in proc.stderr and "SAMSTUDY_NATIVE_KERNEL=0" in proc.stderr
+
+
+def test_switched_off_by_the_environment(tmp_path):
+    cache = tmp_path / "kernels"
+    proc = _in_subprocess(PROBE, SAMSTUDY_KERNEL_CACHE=str(cache), SAMSTUDY_NATIVE_KERNEL="0")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == "eager" and "could not be built" not in proc.stderr
+    assert not cache.exists()
