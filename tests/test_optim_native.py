@@ -5,6 +5,7 @@ identical; and the way it is built, cached, switched off and replaced when it ca
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -94,6 +95,23 @@ def test_training_with_the_native_rule_equals_eager(knobs):
     assert s_n.keys() == s_e.keys()
     for key in s_e:
         assert s_n[key] == pytest.approx(s_e[key], rel=1e-5, nan_ok=True), key
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_non_finite_gradients_fall_where_the_eager_rule_puts_them(name):
+    """An infinite or NaN g has no region (h is NaN), as in the eager rule, so the counts agree.
+    d agrees on the finite pairs; where g or g_p is not finite (a diverged step) the C loop
+    gives a non-finite d, and the eager passes a non-finite d or g_p unchanged."""
+    inf, nan = math.inf, math.nan
+    g = torch.tensor([inf, -inf, nan, 1.0, -1.0, 2.0, 0.0, inf, 3.0, -2.0])
+    gp = torch.tensor([1.0, -1.0, 1.0, inf, nan, -inf, nan, nan, 1.5, 0.5])
+    d_c, c_c, _ = combine(TABLES[name], [g], [gp], use_native=True)
+    d_e, c_e, _ = combine(TABLES[name], [g], [gp], use_native=False)
+    assert torch.equal(c_c, c_e)
+    assert int(c_c[0, 0] + c_c[0, 2]) == 4  # finite g != 0 with a g_p that is not NaN
+    if d_e is not None:
+        assert torch.equal(d_c[0][-2:], d_e[0][-2:])
+        assert not d_c[0][:-2].isfinite().any()
 
 
 def test_unsupported_tensors_take_the_eager_passes():

@@ -3,8 +3,10 @@
 The eager rule (``rules._Masks``) is a dozen elementwise passes; on a 0.3M-parameter MLP each
 pass costs about 1% of a SAM step, so a preset cost 13-50% on top of SAM. This loop reads g and
 g_p once and writes d once, with the same IEEE operations in the same order as the eager rule,
-so d is bit for bit the eager d (``tests/test_optim_native.py`` checks it on every boundary of
-the region table and on random data):
+so the region counts are the eager counts and, for finite g and g_p, d is bit for bit the eager
+d (``tests/test_optim_native.py`` checks both on every boundary of the region table and on
+random data; where g or g_p is infinite or NaN, a diverged step, d is not finite here while the
+eager passes may keep g_p):
 
 * h = g_p * (g / |g|) and the four threshold tests of ``rules`` (NaN where g = 0: no region);
 * d = (g_p + A_k g_p) + B_k g with A_k = a_k - 1 and B_k = b_k of the coordinate's region k:
