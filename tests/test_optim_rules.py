@@ -291,32 +291,37 @@ def test_chunked_path_matches_flat_path_across_chunk_edges():
     assert c_flat.sum(0).tolist() == [int((idx == k).sum()) for k in (1, 2, 3, 4, 0)]
 
 
-def test_auto_compile_only_for_large_cpu_spaces():
+def test_auto_compiles_only_large_cpu_spaces_the_c_loop_cannot_take():
     from samstudy.optim.rules import AUTO_COMPILE_MIN_NUMEL
 
-    rule = RegionRule(TABLES["dense"], compile="auto")
-    small = FlatSpace([torch.Size([1000])], torch.device("cpu"), torch.float32)
-    large = FlatSpace([torch.Size([AUTO_COMPILE_MIN_NUMEL])], torch.device("cpu"), torch.float32)
-    on_meta = FlatSpace([torch.Size([AUTO_COMPILE_MIN_NUMEL])], torch.device("meta"), torch.float32)
-    assert not rule.compiled_for(small)
-    assert rule.compiled_for(large)
-    assert not rule.compiled_for(on_meta)  # accelerators keep the eager flat-buffer passes
-    assert RegionRule(TABLES["dense"], compile=True).compiled_for(small)
-    assert not RegionRule(TABLES["dense"], compile=False).compiled_for(large)
+    def space(n: int, device: str = "cpu", dtype=torch.float32) -> FlatSpace:
+        return FlatSpace([torch.Size([n])], torch.device(device), dtype)
+
+    native = RegionRule(TABLES["dense"], compile="auto")
+    eager = RegionRule(TABLES["dense"], compile="auto", native=False)
+    large = AUTO_COMPILE_MIN_NUMEL
+    assert not native.compiled_for(space(large))  # the C loop: faster than compiled, no compile
+    assert native.compiled_for(space(large, dtype=torch.bfloat16))  # no C loop for bfloat16
+    assert eager.compiled_for(space(large))
+    assert not eager.compiled_for(space(1000))
+    assert not eager.compiled_for(space(large, "meta"))  # accelerators keep the flat passes
+    assert RegionRule(TABLES["dense"], compile=True).compiled_for(space(1000))
+    assert not RegionRule(TABLES["dense"], compile=False, native=False).compiled_for(space(large))
     with pytest.raises(ValueError, match="'auto'"):
         RegionRule(TABLES["dense"], compile="yes")
 
 
 @pytest.mark.slow
-def test_default_optimizer_compiles_large_cpu_models_with_the_same_result():
-    """``compile: auto`` (the default) takes the compiled kernel for a 1M-parameter CPU model;
-    the step, statistics included, matches the eager rule."""
+def test_large_cpu_models_take_the_c_loop_or_the_compiled_kernel_with_the_same_result():
+    """A 1M-parameter CPU model: ``compile: auto`` (the default) takes the C loop, and without
+    it the compiled kernel; the step, statistics included, matches the eager passes (the C
+    loop bit for bit)."""
     from samstudy.optim import create_optimizer
     from samstudy.optim.rules import _COMPILED
 
     coefficients = [[1.0, 0.5], [2.0, 1.0], [0.5, -1.0], [-1.0, 2.0]]
-    results = []
-    for compile in ("auto", False):
+    results = {}
+    for path in ("native", "compiled", "eager"):
         torch.manual_seed(0)
         model = torch.nn.Linear(1024, 1024)  # 1,049,600 parameters: over the auto threshold
         x, y = torch.randn(32, 1024), torch.randint(0, 1024, (32,))
@@ -327,20 +332,26 @@ def test_default_optimizer_compiles_large_cpu_models_with_the_same_result():
             lr=1.0,
             rho=0.05,
             stats_every=1,
-            **({} if compile == "auto" else {"compile": False}),
+            **({"compile": False} if path == "eager" else {}),
         )
-        assert opt.rule.compile == compile
+        opt.rule.native = path == "native"
+        _COMPILED.clear()
         for _ in range(2):
             opt.train_step(model, torch.nn.functional.cross_entropy, x, y)
-        if compile == "auto":
-            assert (True, True) in _COMPILED
-            assert opt.rule.compile == "auto"  # a failed compile would have switched to eager
-        results.append(([p.detach().clone() for p in model.parameters()], opt.read_stats()))
-    (w_auto, s_auto), (w_eager, s_eager) = results
-    for a, b in zip(w_auto, w_eager, strict=True):
-        torch.testing.assert_close(a, b)
-    for key in s_eager:
-        assert s_auto[key] == pytest.approx(s_eager[key], rel=1e-5, nan_ok=True), key
+        assert ((True, True) in _COMPILED) == (path == "compiled"), path
+        assert (opt.rule._native_rule is not None) == (path == "native"), path
+        assert opt.rule.compile == ("auto" if path != "eager" else False)  # no failed compile
+        results[path] = ([p.detach().clone() for p in model.parameters()], opt.read_stats())
+    w_eager, s_eager = results["eager"]
+    for path in ("native", "compiled"):
+        w, s = results[path]
+        for a, b in zip(w, w_eager, strict=True):
+            if path == "native":
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b)
+        for key in s_eager:
+            assert s[key] == pytest.approx(s_eager[key], rel=1e-5, nan_ok=True), (path, key)
 
 
 @pytest.mark.slow

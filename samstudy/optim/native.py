@@ -105,6 +105,7 @@ RULE(double, samstudy_rule_f64, fabs)
 # rule); no -ffast-math for the same reason. -march=native: the library is keyed by the CPU.
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared")
 _SYMBOLS = {torch.float32: "samstudy_rule_f32", torch.float64: "samstudy_rule_f64"}
+DTYPES = tuple(_SYMBOLS)
 _C_TYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 
 _loaded: dict[str, ctypes.CDLL | None] = {}

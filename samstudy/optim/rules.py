@@ -41,10 +41,11 @@ Operand = torch.Tensor | list[torch.Tensor]  # a flat buffer, or one tensor per 
 # (torch.compile silently stops compiling a function after 8 variants).
 _COMPILED: dict[tuple[bool, bool], Callable[..., None]] = {}
 
-# ``compile: auto`` compiles the rule for CPU parameter sets at least this large: there one
-# fused kernel saves tens of milliseconds per step (ResNet-18: the eager ``table`` rule is ~60 ms
-# at 2 threads, compiled ~16 ms), and the one-off compile (2-20 s) is repaid within an epoch.
-# Smaller models (the MLP of the quickstart) would pay the compile for nothing.
+# ``compile: auto`` compiles the rule for CPU parameter sets at least this large, but only where
+# the C loop (``native``) cannot run: that loop is twice as fast as the compiled kernel
+# (ResNet-18, one thread: 4 ms against 8.5 ms, eager passes 28 ms) and costs no compile. Without
+# it, one fused kernel saves tens of milliseconds per step and the one-off compile (2-20 s) is
+# repaid within an epoch; smaller models would pay the compile for nothing.
 AUTO_COMPILE_MIN_NUMEL = 1 << 20
 
 # Threshold masks, in the column order of the per-tensor count matrix.
@@ -94,9 +95,9 @@ class RegionRule:
     ``native=False`` or the library cannot be built.
     ``compile=True`` runs the whole rule as one ``torch.compile``d kernel over flat buffers
     instead (compiling costs seconds to a minute once per process and table); ``"auto"`` does
-    so for CPU spaces of at least ``AUTO_COMPILE_MIN_NUMEL`` elements (GPUs stay eager: there
-    the flat-buffer passes are a small share of a step). If compiling fails (no C++ compiler),
-    the rule warns once and stays eager.
+    so only for CPU spaces of at least ``AUTO_COMPILE_MIN_NUMEL`` elements where the C loop
+    cannot run (GPUs stay eager: there the flat-buffer passes are a small share of a step). If
+    compiling fails (no C++ compiler), the rule warns once and stays eager.
     """
 
     def __init__(self, table: Table, compile: bool | str = False, native: bool = True) -> None:
@@ -113,8 +114,16 @@ class RegionRule:
     def compiled_for(self, space: FlatSpace) -> bool:
         """Does ``combine`` run the compiled kernel for ``space``?"""
         if self.compile == "auto":
-            return space.device.type == "cpu" and space.numel >= AUTO_COMPILE_MIN_NUMEL
+            return (
+                space.device.type == "cpu"
+                and space.numel >= AUTO_COMPILE_MIN_NUMEL
+                and not self._native_runs(space.dtype)
+            )
         return bool(self.compile)
+
+    def _native_runs(self, dtype: torch.dtype) -> bool:
+        """Can the C loop take CPU tensors of ``dtype`` (contiguous ones)?"""
+        return self.native and dtype in native.DTYPES and native.library() is not None
 
     def combine(
         self, space: FlatSpace, G: Operand, P: Operand, measure: bool
