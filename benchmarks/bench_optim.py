@@ -75,9 +75,10 @@ ROWS: list[Row] = [
     ),
 ]
 
-# The rule as eager torch ops (compile: false), which is what non-CPU devices and models under
-# AUTO_COMPILE_MIN_NUMEL parameters run; the rows above use the default (compile: auto).
-EAGER = {"stats": False, "compile": False}
+# The rule as eager torch ops (compile: false, the C loop switched off: `native` is this bench's
+# own knob, set on the rule), which is what GPUs run; the rows above use the default
+# (compile: auto: the C loop of samstudy.optim.native on this CPU).
+EAGER = {"stats": False, "compile": False, "native": False}
 EAGER_ROWS: list[Row] = [
     ("same [1, 0, 0, 0], eager rule", {"name": "same", "scales": [1.0, 0, 0, 0], **EAGER}, None),
     (
@@ -93,12 +94,12 @@ EAGER_ROWS: list[Row] = [
     ),
     (
         "sam, statistics on every step vs off, eager",
-        {"name": "sam", "stats_every": 1, "compile": False},
+        {"name": "sam", "stats_every": 1, "compile": False, "native": False},
         None,
     ),
     (
         "sam, statistics on every 4th step (the earlier default) vs off, eager",
-        {"name": "sam", "stats": True, "stats_every": 4, "compile": False},
+        {"name": "sam", "stats": True, "stats_every": 4, "compile": False, "native": False},
         None,
     ),
 ]
@@ -107,7 +108,10 @@ EAGER_ROWS: list[Row] = [
 def _stepper(model, knobs: dict[str, Any], x, y) -> Callable[[], None]:
     from samstudy.optim import create_optimizer
 
+    knobs = dict(knobs)
+    native = knobs.pop("native", True)
     opt = create_optimizer(model.named_parameters(), lr=0.0, rho=0.05, momentum=0.9, **knobs)
+    opt.rule.native = native
     loss_fn = torch.nn.functional.cross_entropy
 
     def step() -> None:
@@ -564,9 +568,10 @@ def run(quick: bool = False) -> str:
 
     Issue 14's target table first (one thread, process CPU time, both models), then the
     paired-step rows: the headline rows at torch's default thread count, and the eager rule
-    (``compile: false``) on one thread, where process CPU time does not count the waits that
-    other jobs on a shared machine impose. Rows use the optimizer defaults (``compile: auto``:
-    the rule is one compiled kernel for this CPU model) unless they say "eager rule".
+    (``compile: false``, the C loop off) on one thread, where process CPU time does not count
+    the waits that other jobs on a shared machine impose. Rows use the optimizer defaults
+    (``compile: auto``: the rule is the C loop of ``samstudy.optim.native`` on this CPU) unless
+    they say "eager rule".
     """
     import torchvision
 
@@ -588,8 +593,9 @@ def run(quick: bool = False) -> str:
         "ratios the median over pairs of variant / neighbouring reference step (over at least "
         "6 cycles of 4 pairs for sampled statistics). lr = 0 keeps the work of every step "
         "identical. Rows run the optimizer defaults: `compile: auto` makes the combination "
-        "rule and the measurement one compiled kernel on this CPU model (compiled before the "
-        "timing); rows marked 'eager rule' set `compile: false`, as GPUs and small models run.",
+        "rule and the measurement one C loop per tensor on this CPU (`samstudy.optim.native`); "
+        "rows marked 'eager rule' run the rule's torch passes (`compile: false`, C loop off), "
+        "as GPUs do.",
         "",
     ]
     threads = torch.get_num_threads()
