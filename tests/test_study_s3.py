@@ -20,6 +20,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -367,6 +368,22 @@ class Watch:
             self.after.append(int(result["epoch"]))
 
 
+def recorded_checkpoint(s3: LocalS3, prefix: str, timeout: float = 20.0) -> None:
+    """Wait until the newest of Tune's ``experiment_state-*.json`` under ``prefix`` names a
+    checkpoint (what a resume restores from)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = sorted(
+            k for k in objects(s3, prefix) if Path(k).name.startswith("experiment_state-")
+        )
+        if states:
+            with s3.filesystem().open_input_stream(states[-1]) as stream:
+                if b"checkpoint_0" in stream.read():
+                    return
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint in Tune's saved state under {prefix} after {timeout} s")
+
+
 @pytest.mark.slow
 def test_study_on_s3_resumes_after_a_killed_driver_and_retries_a_killed_worker(
     s3: LocalS3, cluster: Any, tmp_path: Path
@@ -386,6 +403,9 @@ def test_study_on_s3_resumes_after_a_killed_driver_and_retries_a_killed_worker(
     )  # fmt: skip
     first = driver(study, cluster.address)
     early = "".join(run_until(first, "epoch 3/"))  # a few checkpoints in the bucket
+    # killed once Tune's saved state in the bucket records one (before that, a resume rightly
+    # starts from epoch 1: under load the kill could come first)
+    recorded_checkpoint(s3, f"{name}/ray/ons3")
     first.send_signal(signal.SIGKILL)  # no chance to save anything
     _, rest = finish(first)
     print("first driver (killed):\n" + early + rest)
