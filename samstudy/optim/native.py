@@ -215,6 +215,8 @@ class NativeRule:
     ) -> None:
         """d (if given) of one tensor's g, g_p; with ``counts`` (int64 [4]) and ``dots``
         (float64 [2]) also add its threshold counts and [<g, g_p>, <g_p, g_p>] to them."""
+        if (counts is None) != (dots is None) or (d is None and counts is None):
+            raise ValueError("NativeRule.run: counts and dots together, and d or both")
         fn, coef_a, coef_b = self._fns[g.dtype]
         fn(
             g.data_ptr(),
@@ -224,5 +226,5 @@ class NativeRule:
             coef_a,
             coef_b,
             counts.data_ptr() if counts is not None else None,
-            dots.data_ptr() if counts is not None else None,
+            dots.data_ptr() if dots is not None else None,
         )
