@@ -246,13 +246,27 @@ class BreakStorage(Callback):
             return
         self.broken = True
         if self.how == "read-only":
-            subprocess.run(["mount", "-o", "remount,ro", str(self.mount)], check=True)
+            self._remount_read_only()
             return
         self._top_up()
 
     def on_trial_complete(self, **info: Any) -> None:
         if self.broken:
             self._top_up()
+
+    def _remount_read_only(self) -> None:
+        """``mount -o remount,ro``, retried while it says busy: the kernel refuses while a file
+        there is open for writing (a checkpoint being written), as CI saw once."""
+        deadline = time.monotonic() + 20
+        while True:
+            done = subprocess.run(
+                ["mount", "-o", "remount,ro", str(self.mount)], capture_output=True, text=True
+            )
+            if done.returncode == 0:
+                return
+            if "busy" not in done.stderr or time.monotonic() > deadline:
+                raise AssertionError(f"remount read-only failed: {done.stderr.strip()}")
+            time.sleep(0.02)
 
     def _top_up(self) -> None:
         if self.how != "full":
