@@ -24,6 +24,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check samstudy tests benchmarks
+	$(PY) -m ruff format --check samstudy tests benchmarks
 
 docs: $(STAMP)
 	$(PY) -m samstudy.optim README.md docs/optimizers.md

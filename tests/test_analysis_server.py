@@ -143,7 +143,9 @@ def test_server_export_equals_sql_export_and_mlflow(
     runs_sql = pq.read_table(via_sql.runs_path).to_pandas().sort_values("run_id")
     assert list(runs_rest.columns) == list(runs_sql.columns)
     for col in runs_rest.columns:  # a missing value (None or NaN) equals a missing value
-        rest_col, sql_col = (f[col].astype(object).fillna("<missing>") for f in (runs_rest, runs_sql))
+        rest_col, sql_col = (
+            f[col].astype(object).fillna("<missing>") for f in (runs_rest, runs_sql)
+        )
         np.testing.assert_array_equal(rest_col.to_numpy(), sql_col.to_numpy(), col)
     # and the values are MLflow's own
     client, frame = logged["client"], rest.to_pandas()

@@ -36,7 +36,9 @@ device: cpu
 # knob value that is no number (and, for the commands that read study files, a misspelt key).
 DUPLICATE = TRIAL.replace("  lr: 5e-2\n", "  lr: 5e-2\n  lr: 1e-1\n")
 NOT_A_NUMBER = TRIAL.replace("weight_decay: 5e-4", "weight_decay: 5e-4x")
-DUPLICATE_MESSAGE = "duplicate key 'lr' at line 6, column 3 (first on line 5); a key may appear once per mapping"
+DUPLICATE_MESSAGE = (
+    "duplicate key 'lr' at line 6, column 3 (first on line 5); a key may appear once per mapping"
+)
 NUMBER_MESSAGE = "optimizer.weight_decay: expected a number, got '5e-4x'"
 
 

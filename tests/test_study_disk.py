@@ -19,9 +19,9 @@ def real_checkpoint_bytes(config: dict) -> int:
     in_shape, classes = data_shape(config["data"])
     model = create_model(config["model"]["name"], classes, in_shape)
     opt = config["optimizer"]
-    optimizer = create_optimizer(model.parameters(), opt["name"], **{
-        k: v for k, v in opt.items() if k != "name"
-    })
+    optimizer = create_optimizer(
+        model.parameters(), opt["name"], **{k: v for k, v in opt.items() if k != "name"}
+    )
     x, y = torch.randn(2, *in_shape), torch.randint(0, classes, (2,))
     optimizer.train_step(model, torch.nn.functional.cross_entropy, x, y)
     buffer = io.BytesIO()
@@ -31,12 +31,21 @@ def real_checkpoint_bytes(config: dict) -> int:
 
 def test_checkpoint_size_matches_a_real_checkpoint() -> None:
     cases = [
-        {"data": {"name": "cifar10"}, "model": {"name": "resnet18"},
-         "optimizer": {"name": "sam", "lr": 0.1, "rho": 0.05, "momentum": 0.9}},
-        {"data": {"name": "digits"}, "model": {"name": "mlp"},
-         "optimizer": {"name": "sam", "base": "adamw", "lr": 0.001, "rho": 0.05}},
-        {"data": {"name": "cifar100"}, "model": {"name": "resnet18"},
-         "optimizer": {"name": "sgd", "lr": 0.1}},  # no momentum: the weights alone
+        {
+            "data": {"name": "cifar10"},
+            "model": {"name": "resnet18"},
+            "optimizer": {"name": "sam", "lr": 0.1, "rho": 0.05, "momentum": 0.9},
+        },
+        {
+            "data": {"name": "digits"},
+            "model": {"name": "mlp"},
+            "optimizer": {"name": "sam", "base": "adamw", "lr": 0.001, "rho": 0.05},
+        },
+        {
+            "data": {"name": "cifar100"},
+            "model": {"name": "resnet18"},
+            "optimizer": {"name": "sgd", "lr": 0.1},
+        },  # no momentum: the weights alone
     ]
     for config in cases:
         estimate = checkpoint_bytes(config) - OVERHEAD_BYTES

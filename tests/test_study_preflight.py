@@ -51,7 +51,9 @@ def test_device_must_be_one_and_agree_with_the_gpus(tmp_path: Path) -> None:
         spec_of(tmp_path, base={"device": "cpu"}, resources={"cpus": 1, "gpus": 0.5})
     )
     assert "never uses" in cpu
-    assert static_problems(spec_of(tmp_path, base={"device": "cuda:1"}, resources={"gpus": 1})) == []
+    assert (
+        static_problems(spec_of(tmp_path, base={"device": "cuda:1"}, resources={"gpus": 1})) == []
+    )
     assert static_problems(spec_of(tmp_path, base={"device": "auto"})) == []
 
 

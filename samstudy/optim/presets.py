@@ -306,4 +306,3 @@ def write_docs(path: str) -> bool:
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(new)
     return new != text
-
