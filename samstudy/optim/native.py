@@ -24,6 +24,7 @@ runs its eager passes (one warning says why).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -108,7 +109,7 @@ _SYMBOLS = {torch.float32: "samstudy_rule_f32", torch.float64: "samstudy_rule_f6
 DTYPES = tuple(_SYMBOLS)
 _C_TYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 
-_loaded: dict[str, ctypes.CDLL | None] = {}
+_loaded: dict[tuple[str | None, ...], ctypes.CDLL | None] = {}
 
 
 def cache_dir() -> Path:
@@ -120,8 +121,10 @@ def cache_dir() -> Path:
     return Path(base) / "samstudy" / "kernels"
 
 
+@functools.cache
 def _cpu_flags() -> str:
-    """The CPU's feature flags (what -march=native compiles for), or its name where unknown."""
+    """The CPU's feature flags (what -march=native compiles for), or its name where unknown.
+    Read once per process: the rule asks for its library on every step."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -136,10 +139,11 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("SAMSTUDY_NATIVE_KERNEL", "1") == "0":
         return None
     compiler = os.environ.get("CC", "cc")
-    key = hashlib.sha256("\0".join([_SOURCE, compiler, *_FLAGS, _cpu_flags()]).encode())
-    path = cache_dir() / f"rule-{key.hexdigest()[:16]}.so"
-    if str(path) in _loaded:
-        return _loaded[str(path)]
+    # what decides the library's path, cheap to read on every step
+    where = (compiler, *map(os.environ.get, ("SAMSTUDY_KERNEL_CACHE", "XDG_CACHE_HOME", "HOME")))
+    if where in _loaded:
+        return _loaded[where]
+    path = cache_dir() / _library_name(compiler)
     lib = None
     try:
         if not path.exists():
@@ -158,8 +162,15 @@ def library() -> ctypes.CDLL | None:
             stacklevel=2,
         )
         lib = None
-    _loaded[str(path)] = lib
+    _loaded[where] = lib
     return lib
+
+
+@functools.cache
+def _library_name(compiler: str) -> str:
+    """The library's file name: a hash of what it is built from, and for which CPU."""
+    key = hashlib.sha256("\0".join([_SOURCE, compiler, *_FLAGS, _cpu_flags()]).encode())
+    return f"rule-{key.hexdigest()[:16]}.so"
 
 
 def _build(compiler: str, path: Path) -> None:
