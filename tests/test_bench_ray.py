@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.bench_ray import _Timeline, account
+from benchmarks.bench_ray import FLOOR_IMPORTS, _Timeline, account, worker_floor
 
 
 def test_account_splits_every_slot_second() -> None:
@@ -46,3 +46,12 @@ def test_account_counts_a_slot_that_never_ran() -> None:
     parts = account(timeline, begin=0.0, wall=4.0, slots=2)
     assert parts["idle"] == pytest.approx(2.0)  # the second slot, all 4 s, halved per slot
     assert sum(parts.values()) == pytest.approx(4.0)
+
+
+def test_worker_floor_times_each_import_in_a_fresh_process() -> None:
+    floor = worker_floor(repeats=1)
+    assert list(floor) == list(FLOOR_IMPORTS)
+    # imported for real in a new process (here they are loaded already): each takes a
+    # measurable time, torch and torch._dynamo the most (about a second each on this machine)
+    assert all(seconds > 0 for seconds in floor.values()), floor
+    assert floor["torch"] > 0.1 and floor["torch._dynamo"] > 0.1, floor
