@@ -481,7 +481,9 @@ def _resnet_rows(quick: bool, verdicts: list) -> list[str]:
 
     torch.manual_seed(0)
     batch = 32 if quick else 128
-    pairs = 2 if quick else 5
+    # A preset's rule is ~1% of a ResNet step: ten pairs, so that the minimum per position is
+    # not one noisy sample (five gave sam itself 416-482 ms across rows).
+    pairs = 2 if quick else 10
     model = torchvision.models.resnet18(num_classes=10)
     xy = (torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,)))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -506,7 +508,7 @@ def _mlp_rows(quick: bool, verdicts: list) -> list[str]:
     epoch = [(x, y) for x, y, *_ in loader]
     torch.manual_seed(0)
     model = create_model("mlp", 10, digits.in_shape)
-    pairs = 5 if quick else 15
+    pairs = 5 if quick else 30  # an epoch is 65 ms: pairs are cheap, and tighten the ratio
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     out = [
         f"### digits 8x8, mlp 512x2 (0.3M parameters), batch 64, CPU; blocks of one epoch "
