@@ -1,10 +1,11 @@
 """A study's MLflow store: typed operations, each idempotent, written synchronously.
 
 Layout (docs/architecture.md): one experiment per study, one parent run per study and one child
-run per trial. A run is found by its tags (``samstudy.tags``) in the study's experiment, never by
-an in-memory map alone, so a retried trial, a resumed study or a second driver process all log
-into the same run. Metrics use ``step = epoch``; an epoch already in MLflow is skipped, so a trial
-that re-reports from an older checkpoint adds no duplicate steps; params are logged once per run.
+run per trial. Runs are found by their tags (``samstudy.tags``) in the study's experiment: one
+search for all of a study's runs when the store starts (again after a failed write of a trial), so
+a retried trial or a resumed study logs into the same run. Metrics use ``step = epoch``; an
+epoch already in MLflow is skipped, so a trial that re-reports from an older checkpoint adds no
+duplicate steps; params are logged once per run.
 
 Because every operation (``samstudy.study.operations``) looks the store up before it writes,
 applying one again after a failure is always safe: :class:`samstudy.study.outbox.Outbox`
@@ -93,6 +94,9 @@ class MlflowStore:
         self._runs: dict[str, str] = {}  # trial id -> run id
         self._last_epoch: dict[str, float] = {}
         self._with_params: set[str] = set()  # trial ids whose run has its params
+        # Trials forgotten after a failed write: their run may exist although the study's scan
+        # (``_ensure_study``) did not see it, so they are looked up again before a run is made.
+        self._unsure: set[str] = set()
 
     @property
     def client(self) -> Any:
@@ -124,7 +128,7 @@ class MlflowStore:
             case TrialStatus():
                 self._set_status(op)
             case TrialTags():
-                self.client.log_batch(self._ensure_trial(op.trial_id), tags=_run_tags(op.tags))
+                self._ensure_trial(op.trial_id, op.tags)
             case EndStudy():
                 self._end_study(op)
 
@@ -134,7 +138,7 @@ class MlflowStore:
         from mlflow.entities import Metric
 
         trial_id = ops[0].trial_id
-        run_id = self._ensure_trial(trial_id)
+        run_id, _ = self._ensure_trial(trial_id)
         batch: list[Metric] = []
         batch_last: int | None = None
 
@@ -166,6 +170,7 @@ class MlflowStore:
         if trial_id is not None:
             self._runs.pop(trial_id, None)
             self._last_epoch.pop(trial_id, None)
+            self._unsure.add(trial_id)
         if isinstance(op, MarkStudy | Purge):
             self.experiment_id = None
             self.parent_run_id = None
@@ -245,6 +250,7 @@ class MlflowStore:
         trials = self._search(self._study_filter(tags.ROLE_TRIAL), ["attributes.start_time DESC"])
         for trial_run in trials:
             self._cache_run(trial_run)
+        self._unsure.clear()
         return run_id
 
     def _mark_study_running(self, op: MarkStudy) -> None:
@@ -283,11 +289,19 @@ class MlflowStore:
         self._with_params.clear()
         self.parent_run_id = None
 
-    def _ensure_trial(self, trial_id: str) -> str:
+    def _ensure_trial(
+        self, trial_id: str, values: Mapping[str, str] | None = None
+    ) -> tuple[str, bool]:
+        """The run of ``trial_id`` with its params and the tags ``values``; made if missing.
+
+        Returns ``(run_id, created)``: a run made here is already RUNNING. Each store request
+        costs ~5-10 ms of the driver's CPU, which a small machine takes from its trials, so a
+        new trial's run takes two: ``create_run`` with every tag, one ``log_batch`` of params.
+        """
         parent = self._ensure_study()
         run_id = self._runs.get(trial_id)
-        if run_id is None:
-            # Another driver (or a failed request that did reach the store) may have made it.
+        if run_id is None and trial_id in self._unsure:
+            # A failed request may still have made the run: look it up before making another.
             found = self.client.search_runs(
                 [self.experiment_id],
                 filter_string=(
@@ -299,20 +313,26 @@ class MlflowStore:
             if found:
                 self._cache_run(found[0])
                 run_id = self._runs[trial_id]
+            self._unsure.discard(trial_id)
         trial = self.trials.get(trial_id, TrialInfo(trial_id, trial_id))
+        created = run_id is None
         if run_id is None:
-            run_id = self._create_trial_run(trial, parent)
+            run_id = self._create_trial_run(trial, parent, values or {})
+        params = []
         if trial_id not in self._with_params and trial.config:
             from mlflow.entities import Param
 
             params = [Param(k, v) for k, v in mlflow_params(trial.config).items()]
+        run_tags = [] if created or not values else _run_tags(values)
+        if params or run_tags:
             # MLflow splits the call at its limit of params per batch; the same values again
             # (a run whose params were half logged) are accepted.
-            self.client.log_batch(run_id, params=params)
+            self.client.log_batch(run_id, params=params, tags=run_tags)
+        if params:
             self._with_params.add(trial_id)
-        return run_id
+        return run_id, created
 
-    def _create_trial_run(self, trial: TrialInfo, parent: str) -> str:
+    def _create_trial_run(self, trial: TrialInfo, parent: str, extra: Mapping[str, str]) -> str:
         values = {
             tags.ROLE: tags.ROLE_TRIAL,
             tags.STUDY: self.study.name,
@@ -327,14 +347,14 @@ class MlflowStore:
         if trial.variant_id:
             values[tags.VARIANT] = trial.variant
             values[tags.VARIANT_ID] = trial.variant_id
+        values.update(extra)
         run = self.client.create_run(self.experiment_id, run_name=trial.name, tags=values)
         self._runs[trial.trial_id] = run.info.run_id
         self._last_epoch[trial.trial_id] = 0.0
         return run.info.run_id
 
     def _set_status(self, op: TrialStatus) -> None:
-        run_id = self._ensure_trial(op.trial_id)
-        self.client.log_batch(run_id, tags=_run_tags({tags.STATUS: op.status, **op.tags}))
+        run_id, created = self._ensure_trial(op.trial_id, {tags.STATUS: op.status, **op.tags})
         if op.traceback:  # log_text overwrites: applying the operation again is safe
             self.client.log_text(run_id, op.traceback, tags.ERROR_ARTIFACT)
         if op.status in tags.TERMINAL_STATUSES:
@@ -342,7 +362,7 @@ class MlflowStore:
             self.client.set_terminated(run_id, status=mlflow_status, end_time=op.ts)
         elif op.status == tags.INTERRUPTED:
             self.client.set_terminated(run_id, status="KILLED", end_time=op.ts)
-        elif op.status == "running":
+        elif op.status == "running" and not created:  # a new run starts RUNNING
             self.client.update_run(run_id, status="RUNNING")
 
     def _end_study(self, op: EndStudy) -> None:
