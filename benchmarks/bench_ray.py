@@ -269,11 +269,11 @@ def _quickstart_section(concurrency: int, epochs_list: list[int]) -> list[str]:
         f"thread and one Ray CPU per trial, `checkpoint_every: 5`) at its own 60 epochs and at "
         f"12, through `run_study` on a local Ray with {concurrency} slots and an existing sqlite "
         "MLflow store. Ratio = study wall time / (sum of the trainer's `epoch_time` / slots). "
-        "Every slot-second is accounted for: the columns after the target are seconds per "
+        "Every slot-second is accounted for: the columns after the floor are seconds per "
         "slot, and training + them = study wall time.",
         "",
         "| epochs | trials | study wall s | training per slot s | ratio | target "
-        "| floor: training + one new worker's imports, per slot "
+        "| floor ratio: (training + one new worker's imports) / training, per slot "
         "| start: Tune to first trainable | a new worker's first set-up (imports, data, model) "
         "| set-up on a reused worker, all trials | between trials | inside trials, between "
         "epochs | tail: last epoch to return |",
