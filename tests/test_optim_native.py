@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from samstudy.models import create_model
 from samstudy.optim import RegionRule, create_optimizer, native
@@ -142,6 +143,7 @@ def _in_subprocess(code: str, **env: str) -> subprocess.CompletedProcess:
 
 PROBE = """
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from samstudy.optim import RegionRule, native
 from samstudy.optim.flat import FlatSpace
 g, gp = torch.randn(1000), torch.randn(1000)
@@ -179,7 +181,7 @@ def test_without_a_compiler_the_rule_warns_once_and_stays_exact(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[0] == "eager"
-    assert proc.stderr.count("the C region rule could not be built") == 1, proc.stderr
+    assert proc.stderr.count("the C kernels could not be built") == 1, proc.stderr
     assert missing in proc.stderr and "SAMSTUDY_NATIVE_KERNEL=0" in proc.stderr
 
 
@@ -189,3 +191,98 @@ def test_switched_off_by_the_environment(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[0] == "eager" and "could not be built" not in proc.stderr
     assert not cache.exists()
+
+
+# -- the SGD step ------------------------------------------------------------------------------
+
+SGD_SETTINGS = [
+    {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+    {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True},
+    {"lr": 0.3, "momentum": 0.5, "dampening": 0.25, "maximize": True},
+    {"lr": 0.2},
+    {"lr": 0.2, "weight_decay": 0.01, "foreach": False},
+]
+
+
+def _sgd_pair(dtype, settings, shapes=((37,), (8, 5), (3, 1, 2, 2))):
+    """Tensors of odd sizes (the vector loop's tails) in two groups, the second with its own lr;
+    an SGD with ``settings`` on them and torch's single-tensor SGD on copies."""
+    gen = torch.Generator().manual_seed(3)
+    ours = [torch.randn(s, generator=gen, dtype=dtype, requires_grad=True) for s in shapes]
+    theirs = [t.detach().clone().requires_grad_() for t in ours]
+
+    def groups(ts):
+        return [{"params": ts[:2]}, {"params": ts[2:], "lr": settings["lr"] / 3}]
+
+    opt = torch.optim.SGD(groups(ours), **settings)
+    return ours, theirs, opt, torch.optim.SGD(groups(theirs), **{**settings, "foreach": False})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("settings", SGD_SETTINGS, ids=lambda s: "-".join(map(str, s.values())))
+def test_native_sgd_step_is_torch_sgd_bit_for_bit(dtype, settings):
+    """Parameters and momentum buffers equal torch's single-tensor SGD after every step, across
+    an lr change, with a parameter that has no gradient on one step; state dicts alike."""
+    ours, theirs, opt, ref = _sgd_pair(dtype, settings)
+    gen = torch.Generator().manual_seed(4)
+    for step in range(5):
+        if step == 3:
+            for group in (*opt.param_groups, *ref.param_groups):
+                group["lr"] *= 0.5
+        for a, b in zip(ours, theirs, strict=True):
+            a.grad = (
+                None
+                if (step == 1 and a.ndim == 2)
+                else torch.randn(a.shape, generator=gen, dtype=dtype)
+            )
+            b.grad = None if a.grad is None else a.grad.clone()
+        version = ours[0]._version
+        assert native.sgd_step(opt)
+        assert ours[0]._version > version  # autograd sees the in-place update, as with torch's
+        ref.step()
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True)), step
+    mine, want = opt.state_dict(), ref.state_dict()
+    assert mine["state"].keys() == want["state"].keys()
+    for key, state in want["state"].items():
+        assert torch.equal(mine["state"][key]["momentum_buffer"], state["momentum_buffer"])
+
+
+def test_native_sgd_leaves_what_it_does_not_cover_to_torch():
+    """Nothing is done (False, parameters untouched) where the C loop is not torch's step."""
+
+    def declined(opt, params) -> bool:
+        before = [p.detach().clone() for p in params]
+        result = native.sgd_step(opt)
+        return not result and all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
+
+    def with_grads(*params):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        return list(params)
+
+    p = with_grads(torch.randn(6, requires_grad=True))
+    for kwargs in ({"foreach": True}, {"fused": True}, {"differentiable": True}):
+        assert declined(torch.optim.SGD(p, lr=0.1, **kwargs), p), kwargs
+    assert declined(torch.optim.SGD(p, lr=torch.tensor(0.1)), p)  # a tensor lr
+    assert declined(torch.optim.AdamW(p, lr=0.1), p)
+    hooked = torch.optim.SGD(p, lr=0.1)
+    handle = hooked.register_step_pre_hook(lambda *_: None)
+    assert declined(hooked, p)
+    handle.remove()
+    handle = register_optimizer_step_post_hook(lambda *_: None)
+    try:
+        assert declined(hooked, p)
+    finally:
+        handle.remove()
+    assert native.sgd_step(hooked)  # hooks gone: the C loop runs
+    odd = with_grads(torch.randn(4, 6).t().contiguous().t().detach().requires_grad_())
+    assert not odd[0].is_contiguous() and declined(torch.optim.SGD(odd, lr=0.1), odd)
+    half = with_grads(torch.randn(6, dtype=torch.bfloat16, requires_grad=True))
+    assert declined(torch.optim.SGD(half, lr=0.1), half)
+
+
+def test_native_sgd_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("SAMSTUDY_NATIVE_KERNEL", "0")
+    p = torch.randn(5, requires_grad=True)
+    p.grad = torch.ones(5)
+    assert not native.sgd_step(torch.optim.SGD([p], lr=0.1))

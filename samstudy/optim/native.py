@@ -1,4 +1,4 @@
-"""The region rule as one C loop per parameter tensor: the CPU path of small models.
+"""The region rule and the SGD step as one C loop per parameter tensor: the CPU path.
 
 The eager rule (``rules._Masks``) is a dozen elementwise passes; on a 0.3M-parameter MLP each
 pass costs about 1% of a SAM step, so a preset cost 13-50% on top of SAM. This loop reads g and
@@ -14,6 +14,11 @@ eager passes may keep g_p):
   keeps the compiler from fusing them into one FMA); A = B = 0 outside the table's groups
   gives d = g_p, and the SGD row (A = -1, B = 1) gives exactly g.
 
+:func:`sgd_step` is torch's single-tensor SGD step (weight decay, momentum, dampening, nesterov,
+maximize) in one pass instead of four, with torch's roundings: ``SamOptimizer`` takes it for its
+base step where it applies (``torch.optim.SGD`` on CPU tensors, no step hooks), a third of torch's
+time, 3% of a SAM step on the digits MLP.
+
 The library is built once per machine with the system C compiler (``$CC``, default ``cc``; about
 half a second) into ``$SAMSTUDY_KERNEL_CACHE`` (default ``~/.cache/samstudy/kernels``), keyed by
 the source, the flags and the CPU's feature flags (``-march=native``), and loaded with ctypes.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import platform
 import subprocess
@@ -100,12 +106,39 @@ void NAME(const T *g, const T *gp, T *d, int64_t n, const T *A, const T *B,     
 
 RULE(float, samstudy_rule_f32, fabsf)
 RULE(double, samstudy_rule_f64, fabs)
+
+/* torch's single-tensor SGD step on one tensor in one pass (it makes four), with its roundings:
+   on the CPU, torch's add with alpha (x + alpha * y) rounds once, as FMA does, and a product
+   with a Scalar rounds on its own. flags: 1 weight decay, 2 momentum, 4 first step (buf is
+   written, not read), 8 nesterov, 16 maximize. */
+#define SGD(T, NAME, FMA)                                                                    \
+void NAME(T *p, const T *g, T *buf, int64_t n, T wd, T m, T damp1, T neg_lr, int flags) {   \
+    const int has_wd = flags & 1, has_m = flags & 2, first = flags & 4, nest = flags & 8,    \
+              maxi = flags & 16;                                                             \
+    for (int64_t i = 0; i < n; i++) {                                                        \
+        T gi = maxi ? -g[i] : g[i];                                                          \
+        if (has_wd) gi = FMA(p[i], wd, gi);              /* grad.add(param, alpha=wd) */     \
+        if (has_m) {                                                                         \
+            T b;                                                                             \
+            if (first) b = gi;                           /* buf = grad.clone() */            \
+            else { const T t = buf[i] * m; b = FMA(gi, damp1, t); } /* mul_, add_ */         \
+            buf[i] = b;                                                                      \
+            gi = nest ? FMA(b, m, gi) : b;               /* grad.add(buf, alpha=m) */        \
+        }                                                                                    \
+        p[i] = FMA(gi, neg_lr, p[i]);                    /* param.add_(grad, alpha=-lr) */   \
+    }                                                                                        \
+}
+
+SGD(float, samstudy_sgd_f32, fmaf)
+SGD(double, samstudy_sgd_f64, fma)
 """
 
-# -ffp-contract=off: no fused multiply-adds (they would round d differently from the eager
-# rule); no -ffast-math for the same reason. -march=native: the library is keyed by the CPU.
+# -ffp-contract=off: no fused multiply-adds but the explicit fma() calls (they would round d
+# differently from the eager rule); no -ffast-math for the same reason. -march=native: the
+# library is keyed by the CPU.
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared")
 _SYMBOLS = {torch.float32: "samstudy_rule_f32", torch.float64: "samstudy_rule_f64"}
+_SGD_SYMBOLS = {torch.float32: "samstudy_sgd_f32", torch.float64: "samstudy_sgd_f64"}
 DTYPES = tuple(_SYMBOLS)
 _C_TYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 
@@ -154,11 +187,16 @@ def library() -> ctypes.CDLL | None:
             ptr = ctypes.POINTER(_C_TYPES[dtype])
             fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ptr, ptr] + [ctypes.c_void_p] * 2
             fn.restype = None
+        for dtype, symbol in _SGD_SYMBOLS.items():
+            fn = getattr(lib, symbol)
+            scalar = _C_TYPES[dtype]
+            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [scalar] * 4 + [ctypes.c_int]
+            fn.restype = None
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         warnings.warn(
-            f"samstudy: the C region rule could not be built or loaded ({exc}); the CPU rule "
-            "runs its eager passes (correct, slower on small models). Set CC to a C compiler, "
-            "or SAMSTUDY_NATIVE_KERNEL=0 to silence this.",
+            f"samstudy: the C kernels could not be built or loaded ({exc}); the CPU region "
+            "rule runs its eager passes and SGD steps as torch's (correct, slower on small "
+            "models). Set CC to a C compiler, or SAMSTUDY_NATIVE_KERNEL=0 to silence this.",
             stacklevel=2,
         )
         lib = None
@@ -239,3 +277,129 @@ class NativeRule:
             counts.data_ptr() if counts is not None else None,
             dots.data_ptr() if dots is not None else None,
         )
+
+
+# -- SGD --------------------------------------------------------------------------------------
+
+_sgd_exact: dict[str, bool] = {}  # library path -> its SGD loop matched torch on this machine
+
+
+def sgd_step(opt: torch.optim.Optimizer) -> bool:
+    """``opt.step()`` of a torch SGD on contiguous CPU tensors, one C loop per tensor; False
+    (nothing done) where that does not apply, for ``opt.step()`` to do it.
+
+    The result is torch's single-tensor SGD bit for bit (checked against torch once per process
+    before first use), in a third of its time: one pass over the tensors instead of four, and
+    none of the step's Python wrappers (about 3% of a SAM step on the digits MLP, 1% on
+    ResNet-18). It applies to ``torch.optim.SGD`` itself without step hooks, whose groups are not
+    ``foreach``, ``fused`` or ``differentiable`` and hold plain-number hyper-parameters, on
+    float32/float64 tensors. The parameters' and buffers' autograd versions move as torch's
+    in-place ops move them.
+    """
+    if type(opt) is not torch.optim.SGD or opt._optimizer_step_pre_hooks:
+        return False
+    if opt._optimizer_step_post_hooks or _global_step_hooks():
+        return False
+    lib = library()
+    if lib is None or not _sgd_checked(lib):
+        return False
+    work = []
+    for group in opt.param_groups:
+        if group["foreach"] or group["fused"] or group["differentiable"]:
+            return False
+        hyper = (group["lr"], group["weight_decay"], group["momentum"], group["dampening"])
+        if not all(type(v) in (float, int) for v in hyper):
+            return False
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if not (
+                p.device.type == "cpu"
+                and p.dtype in _SGD_SYMBOLS
+                and g.dtype == p.dtype
+                and g.layout == torch.strided
+                and p.is_contiguous()
+                and g.is_contiguous()
+            ):
+                return False
+            # torch's SGD keeps state only with momentum (a state_dict stays torch's)
+            state = opt.state[p] if group["momentum"] != 0 else {}
+            buf = state.get("momentum_buffer")
+            if buf is not None and not (
+                buf.device.type == "cpu" and buf.dtype == p.dtype and buf.is_contiguous()
+            ):
+                return False
+            work.append((group, state, p, g, buf))
+    for group, state, p, g, buf in work:
+        _sgd_tensor(lib, group, state, p, g, buf)
+    return True
+
+
+def _sgd_tensor(lib, group, state, p, g, buf) -> None:  # noqa: ANN001 - the hot path
+    momentum = group["momentum"]
+    flags = (1 if group["weight_decay"] != 0 else 0) | (16 if group["maximize"] else 0)
+    if momentum != 0:
+        flags |= 2 | (8 if group["nesterov"] else 0)
+        if buf is None:
+            buf = state["momentum_buffer"] = torch.empty_like(p)
+            flags |= 4
+    getattr(lib, _SGD_SYMBOLS[p.dtype])(
+        p.data_ptr(),
+        g.data_ptr(),
+        buf.data_ptr() if buf is not None else None,
+        p.numel(),
+        group["weight_decay"],
+        momentum,
+        1 - group["dampening"],
+        -group["lr"],
+        flags,
+    )
+    torch.autograd.graph.increment_version(p if buf is None else [p, buf])
+
+
+def _global_step_hooks() -> bool:
+    from torch.optim import optimizer
+
+    return bool(optimizer._global_optimizer_pre_hooks or optimizer._global_optimizer_post_hooks)
+
+
+def _sgd_checked(lib: ctypes.CDLL) -> bool:
+    """Whether the C loop gives torch's SGD bit for bit here (torch's add-with-alpha rounds as
+    one FMA on the CPUs seen so far; a build where it does not keeps torch's own step)."""
+    key = str(lib._name)
+    if key not in _sgd_exact:
+        _sgd_exact[key] = _sgd_matches_torch(lib)
+        if not _sgd_exact[key]:
+            warnings.warn(
+                "samstudy: the C SGD step does not round as torch's does on this machine; "
+                "SGD steps stay torch's own",
+                stacklevel=3,
+            )
+    return _sgd_exact[key]
+
+
+def _sgd_matches_torch(lib: ctypes.CDLL) -> bool:
+    """Three steps of every branch (weight decay, momentum with and without dampening,
+    nesterov, maximize), on 37 values (the vector loop's tail too), in both dtypes."""
+    settings = [
+        {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+        {"lr": 0.03, "momentum": 0.9, "weight_decay": 1e-3, "nesterov": True},
+        {"lr": 0.7, "momentum": 0.5, "dampening": 0.1, "maximize": True},
+        {"lr": 0.3, "weight_decay": 0.01},
+    ]
+    gen = torch.Generator().manual_seed(0)
+    for dtype, kwargs in itertools.product(_SGD_SYMBOLS, settings):
+        ours, theirs = (torch.randn(37, generator=gen, dtype=dtype) for _ in range(2))
+        theirs.copy_(ours)
+        mine = torch.optim.SGD([ours], foreach=False, **kwargs)
+        ref = torch.optim.SGD([theirs], foreach=False, **kwargs)
+        for _ in range(3):
+            ours.grad = torch.randn(37, generator=gen, dtype=dtype)
+            theirs.grad = ours.grad.clone()
+            group, state = mine.param_groups[0], mine.state[ours]
+            _sgd_tensor(lib, group, state, ours, ours.grad, state.get("momentum_buffer"))
+            ref.step()
+        if not torch.equal(ours, theirs):
+            return False
+    return True

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch.nn.modules.batchnorm import _NormBase
 
+from samstudy.optim import native
 from samstudy.optim.ascent import EPS, AscentConfig, ascent, global_norm
 from samstudy.optim.flat import FlatSpace
 from samstudy.optim.params import normalize_params
@@ -209,7 +210,7 @@ class SamOptimizer(torch.optim.Optimizer):
                 used = [g for g in grads if g is not None]
                 if used:
                     self._stats.add_grad_norm(global_norm(used))
-        self.base_optimizer.step()
+        self._base_step()
         self._clear_grads()
         return loss.detach(), logits.detach()
 
@@ -267,13 +268,19 @@ class SamOptimizer(torch.optim.Optimizer):
             else:
                 for p, dp, u in zip(params, d, used, strict=True):
                     p.grad = dp if u else None
-        self.base_optimizer.step()
+        self._base_step()
         self._clear_grads()
         if len(chunks) == 1:
             return losses[0], logits_all[0]
         weights = [x.shape[0] / n for x, _ in chunks]
         loss = sum(w * v for w, v in zip(weights, losses, strict=True))
         return loss, torch.cat(logits_all)
+
+    def _base_step(self) -> None:
+        """The base optimizer's step: torch's SGD on CPU tensors as one C loop per tensor
+        (``native.sgd_step``, bit for bit torch's, a third of its time), else its own."""
+        if not (self.rule.native and native.sgd_step(self.base_optimizer)):
+            self.base_optimizer.step()
 
     def _clear_grads(self) -> None:
         """``zero_grad(set_to_none=True)`` without its per-call profiling and hook machinery."""
