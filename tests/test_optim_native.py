@@ -286,3 +286,20 @@ def test_native_sgd_switched_off_by_the_environment(monkeypatch):
     p = torch.randn(5, requires_grad=True)
     p.grad = torch.ones(5)
     assert not native.sgd_step(torch.optim.SGD([p], lr=0.1))
+
+
+def test_native_sgd_leaves_large_tensors_to_torch_on_many_threads():
+    """Above two threads torch splits a large tensor's passes across them; the C loop does not."""
+    small = [torch.randn(100, requires_grad=True)]
+    large = [torch.randn(40000, requires_grad=True)]
+    for p in (*small, *large):
+        p.grad = torch.ones_like(p)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert native.sgd_step(torch.optim.SGD(small, lr=0.1))
+        assert not native.sgd_step(torch.optim.SGD(large, lr=0.1))
+        torch.set_num_threads(2)
+        assert native.sgd_step(torch.optim.SGD(large, lr=0.1))
+    finally:
+        torch.set_num_threads(threads)
