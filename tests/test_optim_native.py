@@ -275,6 +275,12 @@ def test_native_sgd_leaves_what_it_does_not_cover_to_torch():
     finally:
         handle.remove()
     assert native.sgd_step(hooked)  # hooks gone: the C loop runs
+    wrapped = torch.optim.SGD(p, lr=0.1)
+    wrapped.step = wrapped.step  # an instance-level step (a scheduler's wrapper) must run
+    assert declined(wrapped, p)
+    loaded = torch.optim.SGD(p, lr=0.1, momentum=0.9)
+    loaded.state[p[0]]["momentum_buffer"] = torch.zeros(3)  # a state dict of another model
+    assert declined(loaded, p)
     odd = with_grads(torch.randn(4, 6).t().contiguous().t().detach().requires_grad_())
     assert not odd[0].is_contiguous() and declined(torch.optim.SGD(odd, lr=0.1), odd)
     half = with_grads(torch.randn(6, dtype=torch.bfloat16, requires_grad=True))

@@ -374,3 +374,35 @@ def test_a_trial_forgotten_after_a_failure_is_looked_up_not_made_again(uri: str)
     assert calls[0] == "search_runs"
     (run,) = _runs(uri)  # the run it had, not a second one
     assert run.info.status == "FINISHED" and run.data.tags["samstudy.status"] == "completed"
+
+
+def test_a_failed_scan_of_the_study_is_redone_not_taken_as_empty(uri: str) -> None:
+    """Trials are not looked up one by one after the study's scan, so a scan that failed must be
+    made again: otherwise every trial with a run would get a second one."""
+    other = {**TRIAL, "trial_id": "fed654cba321", "name": "sam-rho0.2-mlp-n0.4-s1"}
+    first = StudyTracker(uri, "demo")
+    first.start()
+    first.trial_started(TRIAL)
+    first.trial_started(other)
+    assert first.finish("interrupted", timeout=30) == 0
+
+    second = StudyTracker(uri, "demo")  # a resumed study whose first write meets a failure
+    second.set_status(TRIAL, "completed")
+    second.set_status(other, "completed")
+    search, failures = second.store._search, []
+
+    def failing_once(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if not failures:
+            failures.append(1)
+            raise ConnectionError("the store dropped the connection")
+        return search(*args, **kwargs)
+
+    second.store._search = failing_once
+    second.start()
+    assert second.finish("complete", timeout=60) == 0
+    assert failures  # the scan did fail once
+    runs = _runs(uri)
+    assert sorted(r.data.tags["samstudy.trial_id"] for r in runs) == sorted(
+        [TRIAL["trial_id"], other["trial_id"]]
+    )
+    assert {r.data.tags["samstudy.status"] for r in runs} == {"completed"}

@@ -303,10 +303,11 @@ def sgd_step(opt: torch.optim.Optimizer) -> bool:
     ResNet-18). It applies to ``torch.optim.SGD`` itself without step hooks, whose groups are not
     ``foreach``, ``fused`` or ``differentiable`` and hold plain-number hyper-parameters, on
     float32/float64 tensors; with more than two torch threads only where every tensor is small
-    enough that torch would not split it across threads. The parameters' and buffers' autograd
-    versions move as torch's in-place ops move them.
+    enough that torch would not split it across threads. Each step moves the autograd version
+    of the parameters and buffers it writes (by one; torch's ops move a buffer's by two).
     """
-    if type(opt) is not torch.optim.SGD or opt._optimizer_step_pre_hooks:
+    # a step wrapped on the instance (an LR scheduler built on it, a user's) must run
+    if type(opt) is not torch.optim.SGD or "step" in vars(opt) or opt._optimizer_step_pre_hooks:
         return False
     if opt._optimizer_step_post_hooks or _global_step_hooks():
         return False
@@ -340,7 +341,10 @@ def sgd_step(opt: torch.optim.Optimizer) -> bool:
             state = opt.state[p] if group["momentum"] != 0 else {}
             buf = state.get("momentum_buffer")
             if buf is not None and not (
-                buf.device.type == "cpu" and buf.dtype == p.dtype and buf.is_contiguous()
+                buf.device.type == "cpu"
+                and buf.dtype == p.dtype
+                and buf.shape == p.shape  # a mismatched state dict: torch's step raises
+                and buf.is_contiguous()
             ):
                 return False
             work.append((group, state, p, g, buf))

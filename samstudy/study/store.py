@@ -244,13 +244,14 @@ class MlflowStore:
                 values[tags.NOTE] = self.study.description
             run = self.client.create_run(exp_id, run_name=self.study.name, tags=values)
             run_id = run.info.run_id
-        self.parent_run_id = run_id
         # One paged search for every trial run of the study (not one lookup per trial); oldest
-        # last, so the oldest run of a trial id wins.
+        # last, so the oldest run of a trial id wins. Trials are not looked up one by one after
+        # it, so the study counts as found only once the search succeeded.
         trials = self._search(self._study_filter(tags.ROLE_TRIAL), ["attributes.start_time DESC"])
         for trial_run in trials:
             self._cache_run(trial_run)
         self._unsure.clear()
+        self.parent_run_id = run_id
         return run_id
 
     def _mark_study_running(self, op: MarkStudy) -> None:
@@ -347,7 +348,7 @@ class MlflowStore:
         if trial.variant_id:
             values[tags.VARIANT] = trial.variant
             values[tags.VARIANT_ID] = trial.variant_id
-        values.update(extra)
+        values.update({k: str(v) for k, v in extra.items()})
         run = self.client.create_run(self.experiment_id, run_name=trial.name, tags=values)
         self._runs[trial.trial_id] = run.info.run_id
         self._last_epoch[trial.trial_id] = 0.0
