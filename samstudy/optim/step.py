@@ -278,7 +278,7 @@ class SamOptimizer(torch.optim.Optimizer):
 
     def _base_step(self) -> None:
         """The base optimizer's step: torch's SGD on CPU tensors as one C loop per tensor
-        (``native.sgd_step``, bit for bit torch's, a third of its time), else its own."""
+        (``native.sgd_step``, bit for bit torch's, a third to a half of its time), else its own."""
         if not (self.rule.native and native.sgd_step(self.base_optimizer)):
             self.base_optimizer.step()
 
