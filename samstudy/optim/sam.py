@@ -22,6 +22,10 @@ from typing import Any
 
 import torch
 
+from samstudy.optim.lazy_dynamo import defer_dynamo_import
+
+defer_dynamo_import()  # constructing the optimizer needs no torch._dynamo (~1 s of imports)
+
 
 class SAM(torch.optim.Optimizer):
     """Sharpness-Aware Minimization (Foret et al.); ``adaptive=True`` is ASAM with T_w = |w|."""

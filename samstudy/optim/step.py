@@ -45,12 +45,15 @@ from torch.nn.modules.batchnorm import _NormBase
 from samstudy.optim import native
 from samstudy.optim.ascent import EPS, AscentConfig, ascent, global_norm
 from samstudy.optim.flat import FlatSpace
+from samstudy.optim.lazy_dynamo import defer_dynamo_import
 from samstudy.optim.params import normalize_params
 from samstudy.optim.presets import Table
 from samstudy.optim.rules import Operand, RegionRule, regions_from_thresholds
 from samstudy.optim.stats import STAT_KEYS, StepStats
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+defer_dynamo_import()  # a trial worker's first optimizer needs no torch._dynamo (~1 s)
 
 # ``used`` when every parameter got a gradient (the common case: no per-step list to build)
 _ALL_USED: list[bool] = []
