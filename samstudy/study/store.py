@@ -132,22 +132,49 @@ class MlflowStore:
             case EndStudy():
                 self._end_study(op)
 
-    def log_epochs(self, ops: Sequence[TrialMetrics]) -> None:
+    def write_trial(self, ops: Sequence[Operation]) -> None:
+        """Adjacent operations of one trial (tags and epochs, at most one status, last) in the
+        fewest requests: the tags, a status's included, go with the run's creation or the
+        epochs' first ``log_batch``; then the status ends (or reopens) the run. A short trial's
+        result and end take two requests instead of four (see :meth:`_ensure_trial`)."""
+        status = ops[-1] if isinstance(ops[-1], TrialStatus) else None
+        values: dict[str, str] = {}
+        for op in ops:
+            if isinstance(op, TrialTags):
+                values.update(op.tags)
+        if status is not None:
+            values.update({tags.STATUS: status.status, **status.tags})
+        epochs = [op for op in ops if isinstance(op, TrialMetrics)]
+        if epochs:
+            run_id, created = self.log_epochs(epochs, values)
+        else:
+            run_id, created = self._ensure_trial(str(trial_id_of(ops[0])), values)
+        if status is not None:
+            self._end_status(status, run_id, created)
+
+    def log_epochs(
+        self, ops: Sequence[TrialMetrics], values: Mapping[str, str] | None = None
+    ) -> tuple[str, bool]:
         """Log epochs of one trial, skipping logged ones, in as few ``log_batch`` calls as
-        MLflow's limit allows, without splitting an epoch unless it alone is over the limit."""
+        MLflow's limit allows, without splitting an epoch unless it alone is over the limit;
+        the tags ``values`` go with the first. Returns ``(run_id, created)``."""
         from mlflow.entities import Metric
 
         trial_id = ops[0].trial_id
-        run_id, _ = self._ensure_trial(trial_id)
+        # A run not known yet is made with the tags; a known one gets them with the epochs.
+        known = trial_id in self._runs
+        run_id, created = self._ensure_trial(trial_id, None if known else values)
+        extra = _run_tags(values) if known and values else []
         batch: list[Metric] = []
         batch_last: int | None = None
 
         def send() -> None:
-            if batch:
-                self.client.log_batch(run_id, metrics=list(batch))
+            if batch or extra:
+                self.client.log_batch(run_id, metrics=list(batch), tags=list(extra))
             if batch_last is not None:
                 self._last_epoch[trial_id] = float(batch_last)
             batch.clear()
+            extra.clear()
 
         for op in ops:
             if op.epoch <= max(self._last_epoch.get(trial_id, 0.0), batch_last or 0):
@@ -163,6 +190,7 @@ class MlflowStore:
             batch.extend(metrics)
             batch_last = op.epoch
         send()
+        return run_id, created
 
     def forget(self, op: Operation) -> None:
         """After a failure nobody knows what reached the store: look it up again next time."""
@@ -357,6 +385,10 @@ class MlflowStore:
 
     def _set_status(self, op: TrialStatus) -> None:
         run_id, created = self._ensure_trial(op.trial_id, {tags.STATUS: op.status, **op.tags})
+        self._end_status(op, run_id, created)
+
+    def _end_status(self, op: TrialStatus, run_id: str, created: bool) -> None:
+        """What a status does to the run once its tags are there."""
         if op.traceback:  # log_text overwrites: applying the operation again is safe
             self.client.log_text(run_id, op.traceback, tags.ERROR_ARTIFACT)
         if op.status in tags.TERMINAL_STATUSES:
