@@ -184,10 +184,10 @@ def _measure(
 QUICKSTART_EPOCHS = {60: 1.10, 12: 1.25}  # the quickstart at its own length and at 12: target
 
 # What every new trial worker imports before its first epoch, in order: Ray's worker runtime,
-# Ray Tune (the trainable's actor class), torch, and torch._dynamo, which torch.optim imports on
-# an optimizer's first use (`torch._disable_dynamo` on `add_param_group`, `import torch._dynamo`
-# in every `step`), so no trainer built on torch.optim avoids it.
-FLOOR_IMPORTS = ("ray", "ray.tune", "torch", "torch._dynamo")
+# Ray Tune (the trainable's actor class) and torch. Not torch._dynamo, which torch.optim imports
+# on an optimizer's first use (`torch._disable_dynamo` on `add_param_group`): samstudy's
+# optimizers put that off until something compiles (`samstudy.optim.lazy_dynamo`).
+FLOOR_IMPORTS = ("ray", "ray.tune", "torch")
 _FLOOR = """
 import importlib, json, sys, time
 seconds = {}
@@ -285,7 +285,8 @@ def _quickstart_section(concurrency: int, epochs_list: list[int]) -> list[str]:
         "before its first epoch that worker imports "
         + ", ".join(f"{name} {floor[name]:.2f} s" for name in FLOOR_IMPORTS)
         + f": {floor_s:.2f} s in all, measured in a fresh process with nothing else running "
-        "(fastest of 3; torch.optim imports torch._dynamo on an optimizer's first use). "
+        "(fastest of 3; not torch._dynamo, which torch.optim imports on an optimizer's first "
+        "use and samstudy's optimizers put off until something compiles). "
         "Those imports alone set the best ratio a study of this trial length can reach here; "
         "the ratio's excess over the floor is Tune's and samstudy's own time.",
         "",

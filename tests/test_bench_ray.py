@@ -52,6 +52,6 @@ def test_worker_floor_times_each_import_in_a_fresh_process() -> None:
     floor = worker_floor(repeats=1)
     assert list(floor) == list(FLOOR_IMPORTS)
     # imported for real in a new process (here they are loaded already): each takes a
-    # measurable time, torch and torch._dynamo the most (about a second each on this machine)
+    # measurable time, torch the most (about a second on this machine)
     assert all(seconds > 0 for seconds in floor.values()), floor
-    assert floor["torch"] > 0.1 and floor["torch._dynamo"] > 0.1, floor
+    assert floor["torch"] > 0.1 and floor["torch"] == max(floor.values()), floor
