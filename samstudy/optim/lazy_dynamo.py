@@ -11,6 +11,14 @@ run as they are. torch caches its wrapper in the function's ``__dynamo_disable``
 put a stand-in there that calls the method directly while ``torch._dynamo`` is absent, and on
 the first call after it has been imported (``torch.compile`` anywhere in the process) removes
 itself, so torch's own wrapper takes over from then on.
+
+What it saves depends on the step: torch's own optimizer ``step`` imports ``torch._dynamo``
+too (``_use_grad_for_differentiable``), so only steps that do not call it, samstudy's C SGD step
+(``native.sgd_step``: CPU, float32/64, no foreach), go without it; any other base optimizer
+imports it at its first step, as before. Until it is imported, the two things its import does
+to the rest of torch do not happen either: a safe global for ``torch.load(weights_only=True)``
+of nested-tensor checkpoints, and a ``torch.manual_seed`` that compiled code may call; neither
+concerns a process that does not compile or load such checkpoints.
 """
 
 from __future__ import annotations
@@ -49,8 +57,10 @@ def defer_dynamo_import() -> list[str]:
 def _stand_in(method: Callable[..., Any], fn: Callable[..., Any]) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
         if "torch._dynamo" in sys.modules:  # something may compile from now on: torch's way
-            if getattr(fn, _CACHE, None) is call:
-                delattr(fn, _CACHE)
+            if fn.__dict__.get(_CACHE) is call:
+                # pop, not delattr: another thread may have removed it in between; one that
+                # removes torch's wrapper instead costs only its rebuilding on the next call
+                fn.__dict__.pop(_CACHE, None)
             return method(*args, **kwargs)
         return fn(*args, **kwargs)
 

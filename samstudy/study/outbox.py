@@ -313,14 +313,13 @@ class Outbox:
         ops = [head]
         if not isinstance(head, TrialMetrics | TrialTags) or self._single:
             return ops
-        size = len(head.metrics) if isinstance(head, TrialMetrics) else 0
+        size = _entries(head)
         for op in itertools.islice(self._ops, 1, None):
             if not isinstance(op, _GROUPED) or op.trial_id != head.trial_id:
                 break
-            if isinstance(op, TrialMetrics):
-                size += len(op.metrics)
-                if size > MAX_METRICS_PER_BATCH:
-                    break
+            size += _entries(op)
+            if size > MAX_METRICS_PER_BATCH:  # one log_batch that MLflow does not split
+                break
             ops.append(op)
             if isinstance(op, TrialStatus):
                 break
@@ -334,3 +333,12 @@ class Outbox:
                     self._ops.pop(0)
             self._busy = False
             self._cond.notify_all()
+
+
+def _entries(op: TrialMetrics | TrialTags | TrialStatus) -> int:
+    """The metrics and tags ``op`` adds to its group's ``log_batch``."""
+    if isinstance(op, TrialMetrics):
+        return len(op.metrics)
+    if isinstance(op, TrialTags):
+        return len(op.tags)
+    return 1 + len(op.tags)  # the status tag and its own

@@ -134,9 +134,10 @@ class MlflowStore:
 
     def write_trial(self, ops: Sequence[Operation]) -> None:
         """Adjacent operations of one trial (tags and epochs, at most one status, last) in the
-        fewest requests: the tags, a status's included, go with the run's creation or the
-        epochs' first ``log_batch``; then the status ends (or reopens) the run. A short trial's
-        result and end take two requests instead of four (see :meth:`_ensure_trial`)."""
+        fewest requests: the tags, a status's included, go with the epochs' last ``log_batch``
+        (after the epochs: a run never says ``completed`` while missing some), or with the
+        run's creation when there are no epochs; then the status ends (or reopens) the run. A
+        short trial's result and end take two requests instead of four."""
         status = ops[-1] if isinstance(ops[-1], TrialStatus) else None
         values: dict[str, str] = {}
         for op in ops:
@@ -153,28 +154,27 @@ class MlflowStore:
             self._end_status(status, run_id, created)
 
     def log_epochs(
-        self, ops: Sequence[TrialMetrics], values: Mapping[str, str] | None = None
+        self, ops: Sequence[TrialMetrics], run_tags: Mapping[str, str] | None = None
     ) -> tuple[str, bool]:
         """Log epochs of one trial, skipping logged ones, in as few ``log_batch`` calls as
         MLflow's limit allows, without splitting an epoch unless it alone is over the limit;
-        the tags ``values`` go with the first. Returns ``(run_id, created)``."""
+        the tags ``run_tags`` go with the last (MLflow writes a batch's metrics before its
+        tags). Returns ``(run_id, created)``."""
         from mlflow.entities import Metric
 
         trial_id = ops[0].trial_id
-        # A run not known yet is made with the tags; a known one gets them with the epochs.
-        known = trial_id in self._runs
-        run_id, created = self._ensure_trial(trial_id, None if known else values)
-        extra = _run_tags(values) if known and values else []
+        run_id, created = self._ensure_trial(trial_id)
+        extra = _run_tags(run_tags or {})
+        limit = MAX_METRICS_PER_BATCH - len(extra)  # so MLflow does not split the last call
         batch: list[Metric] = []
         batch_last: int | None = None
 
-        def send() -> None:
-            if batch or extra:
-                self.client.log_batch(run_id, metrics=list(batch), tags=list(extra))
+        def send(last: bool = False) -> None:
+            if batch or (last and extra):
+                self.client.log_batch(run_id, metrics=list(batch), tags=extra if last else [])
             if batch_last is not None:
                 self._last_epoch[trial_id] = float(batch_last)
             batch.clear()
-            extra.clear()
 
         for op in ops:
             if op.epoch <= max(self._last_epoch.get(trial_id, 0.0), batch_last or 0):
@@ -185,11 +185,11 @@ class MlflowStore:
             last = values.pop("epoch")
             metrics = [Metric(k, v, op.ts, op.epoch) for k, v in values.items()]
             metrics.append(Metric("epoch", last, op.ts, op.epoch))
-            if batch and len(batch) + len(metrics) > MAX_METRICS_PER_BATCH:
+            if batch and len(batch) + len(metrics) > limit:
                 send()
             batch.extend(metrics)
             batch_last = op.epoch
-        send()
+        send(last=True)
         return run_id, created
 
     def forget(self, op: Operation) -> None:
