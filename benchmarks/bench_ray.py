@@ -185,8 +185,9 @@ QUICKSTART_EPOCHS = {60: 1.10, 12: 1.25}  # the quickstart at its own length and
 
 # What every new trial worker imports before its first epoch, in order: Ray's worker runtime,
 # Ray Tune (the trainable's actor class) and torch. Not torch._dynamo, which torch.optim imports
-# on an optimizer's first use (`torch._disable_dynamo` on `add_param_group`): samstudy's
-# optimizers put that off until something compiles (`samstudy.optim.lazy_dynamo`).
+# on an optimizer's first use (`torch._disable_dynamo` on `add_param_group`) and in torch's own
+# `step`: samstudy's optimizers put the first off until something compiles
+# (`samstudy.optim.lazy_dynamo`), and the quickstart's SGD steps are samstudy's C loop.
 FLOOR_IMPORTS = ("ray", "ray.tune", "torch")
 _FLOOR = """
 import importlib, json, sys, time
@@ -286,7 +287,8 @@ def _quickstart_section(concurrency: int, epochs_list: list[int]) -> list[str]:
         + ", ".join(f"{name} {floor[name]:.2f} s" for name in FLOOR_IMPORTS)
         + f": {floor_s:.2f} s in all, measured in a fresh process with nothing else running "
         "(fastest of 3; not torch._dynamo, which torch.optim imports on an optimizer's first "
-        "use and samstudy's optimizers put off until something compiles). "
+        "use and in torch's own step: samstudy's optimizers put the first off until something "
+        "compiles, and the quickstart's SGD steps are samstudy's C loop). "
         "Those imports alone set the best ratio a study of this trial length can reach here; "
         "the ratio's excess over the floor is Tune's and samstudy's own time.",
         "",
