@@ -1,5 +1,8 @@
 """A study's MLflow store: typed operations, each idempotent, written synchronously.
 
+Long because every operation's lookup-before-write (what makes it safe to apply again) sits
+beside the request it guards; split up, the idempotence of each write could not be read at once.
+
 Layout (docs/architecture.md): one experiment per study, one parent run per study and one child
 run per trial. Runs are found by their tags (``samstudy.tags``) in the study's experiment: one
 search for all of a study's runs when the store starts (again after a failed write of a trial), so
