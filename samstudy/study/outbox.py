@@ -264,7 +264,7 @@ class Outbox:
                 ops = self._next_ops()
                 self._busy = True
             try:
-                if len(ops) > 1 or isinstance(ops[0], TrialMetrics):
+                if len(ops) > 1:
                     self.store.write_trial(ops)
                 else:
                     self.store.apply(ops[0])
@@ -307,8 +307,8 @@ class Outbox:
 
     def _next_ops(self) -> list[Operation]:
         """The head of the queue: one operation, or adjacent operations of one trial, its tags
-        and epochs (of at most MLflow's metrics per batch) and a status that ends the group
-        (the caller holds the lock)."""
+        and epochs and a status that ends the group, of at most MLflow's entries per
+        ``log_batch`` (the caller holds the lock)."""
         head = self._ops[0]
         ops = [head]
         if not isinstance(head, TrialMetrics | TrialTags) or self._single:

@@ -126,12 +126,8 @@ class MlflowStore:
                 self._purge()
             case MarkStudy():
                 self._mark_study_running(op)
-            case TrialMetrics():
-                self.log_epochs([op])
-            case TrialStatus():
-                self._set_status(op)
-            case TrialTags():
-                self._ensure_trial(op.trial_id, op.tags)
+            case TrialMetrics() | TrialStatus() | TrialTags():
+                self.write_trial([op])
             case EndStudy():
                 self._end_study(op)
 
@@ -385,10 +381,6 @@ class MlflowStore:
         self._runs[trial.trial_id] = run.info.run_id
         self._last_epoch[trial.trial_id] = 0.0
         return run.info.run_id
-
-    def _set_status(self, op: TrialStatus) -> None:
-        run_id, created = self._ensure_trial(op.trial_id, {tags.STATUS: op.status, **op.tags})
-        self._end_status(op, run_id, created)
 
     def _end_status(self, op: TrialStatus, run_id: str, created: bool) -> None:
         """What a status does to the run once its tags are there."""
