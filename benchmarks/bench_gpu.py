@@ -28,6 +28,7 @@ import gc
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,12 @@ def verdict(ok: bool) -> str:
     return "pass" if ok else "fail"
 
 
+def failure(exc: BaseException) -> str:
+    """One table-safe line for an exception: its type and the start of its message."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split()).replace("|", "/")
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -172,23 +179,32 @@ def matrix_section(device: torch.device, sizes: Sizes, loader: Any) -> tuple[str
         for compiled in sizes.compile:
             times: dict[str, float] = {}
             graphs = [0, 0]  # timed > 0 would put compile time inside an epoch's time
-            for name in ("sgd", "sam"):
-                start = graphs_compiled()
-                trainer = Trainer(sizes.model, {"name": name}, device,
-                                  bf16=precision == "bf16", compiled=compiled)  # fmt: skip
-                # Past Dynamo's recompile limit a model would run eager silently: fail instead.
-                with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-                    trainer.warm_up(loader, sizes.warmup_steps)
-                    warm = graphs_compiled()
-                    times[name] = min(trainer.epoch_on(loader) for _ in range(sizes.epochs))
-                graphs[0] += warm - start
-                graphs[1] += graphs_compiled() - warm
-                del trainer
+            mode = "torch.compile" if compiled else "eager"
+            try:
+                for name in ("sgd", "sam"):
+                    start = graphs_compiled()
+                    trainer = Trainer(sizes.model, {"name": name}, device,
+                                      bf16=precision == "bf16", compiled=compiled)  # fmt: skip
+                    # Past Dynamo's recompile limit a model would run eager silently: fail.
+                    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                        trainer.warm_up(loader, sizes.warmup_steps)
+                        warm = graphs_compiled()
+                        times[name] = min(trainer.epoch_on(loader) for _ in range(sizes.epochs))
+                    graphs[0] += warm - start
+                    graphs[1] += graphs_compiled() - warm
+                    del trainer
+                    free(device)
+            except Exception as exc:  # one failing mode (a compile, say) keeps the other rows
+                traceback.print_exc()
+                ok.append(False)
+                rows.append(f"| {precision} | {mode} | error: {failure(exc)} |" + " |" * 6)
+                print(rows[-1], flush=True)
                 free(device)
+                continue
             ratio = times["sam"] / times["sgd"]
             ok.append(round(ratio, 3) <= SAM_OVER_SGD_MAX)  # as printed: 1.050 passes
             rows.append(
-                f"| {precision} | {'torch.compile' if compiled else 'eager'} "
+                f"| {precision} | {mode} "
                 f"| {times['sgd']:.4g} | {times['sam']:.4g} | {sizes.images / times['sgd']:,.0f} "
                 f"| {sizes.images / times['sam']:,.0f} | {ratio:.3f} | {verdict(ok[-1])} "
                 f"| {graphs[0]} / {graphs[1]} |"
@@ -287,10 +303,17 @@ def bench(device: torch.device, sizes: Sizes) -> str:
     sections: list[str] = []
     targets: dict[str, list[bool]] = {}
     took: dict[str, float] = {}
+    failed: set[str] = set()
 
     def timed(part: str, make: Callable[[], tuple[str, list[bool]]]) -> None:
+        """Runs one part; a part that raises is reported in its place and the next one runs."""
         start = time.perf_counter()
-        text, targets[part] = make()
+        try:
+            text, targets[part] = make()
+        except Exception as exc:
+            traceback.print_exc()
+            text, targets[part] = f"### {part}: failed\n\n{failure(exc)}\n", [False]
+            failed.add(part)
         took[part] = time.perf_counter() - start
         sections.append(text)
         print(f"-- {part}: {took[part]:.0f} s", flush=True)
@@ -309,13 +332,16 @@ def bench(device: torch.device, sizes: Sizes) -> str:
         timed("sharing", lambda: sharing_section(sizes))
     summary = ", ".join(f"{p} {s:.0f} s" for p, s in took.items())
     checks = [
-        ("every preset <= 1.05x SAM", targets.get("presets")),
-        ("SAM <= 2.05x SGD (every precision and model mode)", targets.get("matrix")),
-        ("4 trials sharing >= 2x one trial alone", targets.get("sharing")),
+        ("presets", "every preset <= 1.05x SAM"),
+        ("matrix", "SAM <= 2.05x SGD (every precision and model mode)"),
+        ("sharing", "4 trials sharing >= 2x one trial alone"),
     ]
     lines = ["| target | result |", "|---|---|"]
-    for label, ok in checks:
+    for part, label in checks:
+        ok = targets.get(part)
         result = "not run" if not ok else verdict(all(ok))  # [] too: no row it applies to
+        if part in failed:
+            result = "error (see its section)"
         lines.append(f"| {label} | {result} |")
     return (
         f"{title}\n\n{env}; CIFAR-shaped random data made on the device, crop and flip on the "

@@ -122,3 +122,19 @@ def test_make_bench_without_cuda_writes_nothing(capsys: pytest.CaptureFixture[st
 def test_unknown_part_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown parts"):
         bench_gpu.bench(torch.device("cpu"), bench_gpu.Sizes(parts=("matrix", "gpu")))
+
+
+def test_a_failing_row_or_part_is_reported_and_the_rest_runs(tmp_path: Path) -> None:
+    # One shot on a lent GPU: an error (a compile, say) must cost its row, not the run.
+    sizes = bench_gpu.Sizes(images=8, batch=4, warmup_steps=1, epochs=1, preset_steps=1,
+                            preset_pairs=1, compile=(False,), precisions=("fp32",),
+                            parts=("matrix", "presets"), model="no_such_model")  # fmt: skip
+    text = bench_gpu.bench(torch.device("cpu"), sizes)
+    matrix = table(text, "### SGD and SAM epochs")
+    assert [r[:2] for r in matrix] == [["fp32", "eager"]] and len(matrix[0]) == 9
+    assert matrix[0][2].startswith("error: ") and "no_such_model" in matrix[0][2]
+    assert "### presets: failed" in text and "no_such_model" in text
+    targets = {row[0]: row[1] for row in table(text, "| target |")}
+    assert targets["SAM <= 2.05x SGD (every precision and model mode)"] == "fail"
+    assert targets["every preset <= 1.05x SAM"] == "error (see its section)"
+    assert targets["4 trials sharing >= 2x one trial alone"] == "not run"
