@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 
@@ -142,6 +143,29 @@ def test_dropin_matches_port_with_closure():
         opt.step(closure)
         opt.zero_grad()
     assert_same_model(model, ref)
+
+
+def test_dropin_under_one_autocast_context_perturbs_the_second_pass():
+    # bf16 autocast caches each weight's cast by the parameter; the port's usage with each
+    # pass in a context of its own recasts, one context around both passes must too.
+    def bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    data = batches(4)
+    models = {}
+    for shared in (False, True):
+        model = models[shared] = make_model()
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, **SGD_KW)
+        for x, y in data:
+            with bf16() if shared else contextlib.nullcontext():
+                with contextlib.nullcontext() if shared else bf16():
+                    LOSS(model(x).float(), y).backward()
+                opt.first_step(zero_grad=True)
+                with bn.running_stats_frozen(model):
+                    with contextlib.nullcontext() if shared else bf16():
+                        LOSS(model(x).float(), y).backward()
+                opt.second_step(zero_grad=True)
+    assert_same_model(models[True], models[False])
 
 
 @pytest.mark.parametrize("ascent", ["sam", "adaptive"])

@@ -387,3 +387,51 @@ def test_bfloat16_parameters(flat_sources):
     shares = [stats[f"region_{k}"] for k in ("ckpt1", "ckpt2", "ckpt3", "ckpt4", "zero")]
     assert sum(shares) == pytest.approx(1.0)
     assert 0.0 < stats["grad_cos"] <= 1.0 + 1e-6 and stats["grad_norm_p"] > 0
+
+
+def bf16():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def ref_gp_bf16(model, x, y, mode: str):
+    """``ref_gp`` with every forward in a bf16 autocast context of its own (fresh casts)."""
+    with bf16():
+        g = grads(model, x, y)
+    other = perturbed(model, sam_e(g))
+    if mode == "full":
+        with bf16():
+            return g, grads(other, x, y)
+    with bf16():
+        z = model(x)
+    if mode == "jacobian":
+        (delta,) = torch.autograd.grad(LOSS(z.float(), y), z)
+        other.zero_grad()
+        with bf16():
+            zp = other(x)
+        zp.backward(delta)
+        return g, [p.grad.detach().clone() for p in other.parameters()]
+    with bf16():
+        zp = other(x).detach().requires_grad_()
+    (delta_p,) = torch.autograd.grad(LOSS(zp.float(), y), zp)
+    model.zero_grad()
+    z.backward(delta_p)
+    return g, [p.grad.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("flat_sources", [None, True])
+@pytest.mark.parametrize("mode", ["full", "jacobian", "logit"])
+@pytest.mark.parametrize("name", ["sam", "saner"])
+def test_second_pass_under_autocast_sees_the_perturbed_weights(name, mode, flat_sources):
+    # The trainer runs a whole step in one bf16 autocast context (precision auto on a GPU).
+    # Autocast caches each weight's bf16 copy by the parameter, which the second pass keeps
+    # (only its .data moves to w + e): unless that cache is cleared the second pass runs at w.
+    x, y = batch()
+    model = mlp()
+    knobs = PRESETS[name].example
+    g, gp = ref_gp_bf16(copy.deepcopy(model), x, y, mode)
+    want = [ref_rule(preset_table(name, **knobs), a, b) for a, b in zip(g, gp, strict=True)]
+    with bf16():
+        got, _ = delta_of_step(model, x, y, flat_sources=flat_sources, name=name,
+                               second_grad=mode, **knobs)  # fmt: skip
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

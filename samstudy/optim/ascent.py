@@ -132,14 +132,16 @@ def _adaptive(
         t2 = torch._foreach_mul(t, t)
         torch._foreach_mul_(t2, grads)
         return _scaled(t2, rhos, norm, out)
-    if out is None:
-        out = [torch.empty_like(g) for g in grads]
-    out = list(out)
-    for o, w, g in zip(out, weights, grads, strict=True):
-        torch.mul(w, g, out=o)
-    norm = global_norm(out)
-    for o, w in zip(out, weights, strict=True):
-        torch.mul(w, w, out=o)
+    if out is None:  # fresh tensors (the GPU path): one multi-tensor launch per product
+        norm = global_norm(torch._foreach_mul(weights, grads))
+        out = torch._foreach_mul(weights, weights)
+    else:  # kept tensors (CPU): one pass per tensor, no allocation
+        out = list(out)
+        for o, w, g in zip(out, weights, grads, strict=True):
+            torch.mul(w, g, out=o)
+        norm = global_norm(out)
+        for o, w in zip(out, weights, strict=True):
+            torch.mul(w, w, out=o)
     torch._foreach_mul_(out, grads)
     return _scaled(out, rhos, norm, out)
 

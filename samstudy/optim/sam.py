@@ -57,6 +57,9 @@ class SAM(torch.optim.Optimizer):
                 self.state[p]["old_p"] = p.data.clone()
                 e_w = (torch.pow(p, 2) if group["adaptive"] else 1.0) * p.grad * scale.to(p)
                 p.add_(e_w)
+        # Autocast caches each weight's low-precision copy by the parameter: a second forward
+        # in the same autocast context would reuse w's copies, not cast w + e (and then w)
+        torch.clear_autocast_cache()
         if zero_grad:
             self.zero_grad()
 
@@ -68,6 +71,7 @@ class SAM(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 p.data = self.state[p]["old_p"]
+        torch.clear_autocast_cache()
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()

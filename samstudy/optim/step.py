@@ -313,10 +313,16 @@ class SamOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             used = _used(g, params)
             w = [p.data for p in params]
-            # e and then w + e in g's own storage when g is not needed afterwards (unless it
-            # is shared or laid out unlike w), else in tensors kept from step to step
-            inplace = not keep_g and self.ascent_cfg.kind != "adaptive" and _private(g, w)
-            out = g if inplace else self._perturbed_buffers(params)
+            # Where e and then w + e go. GPU: fresh tensors from the caching allocator, each
+            # product one multi-tensor launch (a step there is bound by the host's launches).
+            # CPU (fresh memory costs page faults): g's own storage when g is not needed
+            # afterwards (unless shared or laid out unlike w), else tensors kept between steps.
+            if self._flat_path(self._on_cpu):
+                out = None
+            elif not keep_g and self.ascent_cfg.kind != "adaptive" and _private(g, w):
+                out = g
+            else:
+                out = self._perturbed_buffers(params)
             e, gnorm = ascent(self.ascent_cfg, g, w, rhos, out=out)
             enorm = self._ascent_norm(e, gnorm, rhos) if measure else None
             torch._foreach_add_(e, w)  # w + e in place: e itself is not needed any more
@@ -328,6 +334,9 @@ class SamOptimizer(torch.optim.Optimizer):
         try:
             for p, wpi in zip(params, wp, strict=True):
                 p.data = wpi
+            # Autocast caches each weight's low-precision copy by the parameter, which .data
+            # leaves in place: without this the second pass would run at w's copies.
+            torch.clear_autocast_cache()
             if mode == "logit":
                 with torch.no_grad():
                     zp = model(x)
@@ -340,6 +349,7 @@ class SamOptimizer(torch.optim.Optimizer):
         finally:
             for p, wi in zip(params, w, strict=True):
                 p.data = wi
+            torch.clear_autocast_cache()  # nor may later passes in the context see w + e
             for m in frozen:
                 m.track_running_stats = True
         if mode == "logit":
@@ -382,9 +392,7 @@ class SamOptimizer(torch.optim.Optimizer):
         for part in self._spaces:
             G: Operand = [g[i] for i in part.idx]
             P: Operand = [gp[i] for i in part.idx]
-            flat = self.flat_sources
-            if flat is None:
-                flat = part.space.device.type != "cpu"
+            flat = self._flat_path(part.space.device.type == "cpu")
             compiled = self.rule.compiled_for(part.space)
             if flat and not compiled and (measure or not self.rule.identity):
                 # one multi-tensor copy each beats a launch per tensor and pass on a GPU
@@ -404,6 +412,11 @@ class SamOptimizer(torch.optim.Optimizer):
             self._stats.add_regions(self._gather_regions(regions, used))
         return d
 
+    def _flat_path(self, on_cpu: bool) -> bool:
+        """The GPU path (multi-tensor ops, gathered buffers): off the CPU, or forced by
+        ``flat_sources`` (how the tests run it on a CPU)."""
+        return self.flat_sources if self.flat_sources is not None else not on_cpu
+
     # -- layout and names -------------------------------------------------------------------
 
     def _ensure_layout(self, params: list[torch.Tensor]) -> None:
@@ -415,6 +428,7 @@ class SamOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(params):
             by_kind.setdefault((p.device, p.dtype), []).append(i)
         self._params = params
+        self._on_cpu = all(p.device.type == "cpu" for p in params)
         self._stats = StepStats(len(params), params[0].device) if self.stats_enabled else None
         self._spaces = []
         for (device, dtype), idx in by_kind.items():
