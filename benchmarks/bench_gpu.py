@@ -169,6 +169,12 @@ def free(device: torch.device) -> None:
 # -- part 1: SGD and SAM epochs ------------------------------------------------------------------
 
 
+def alternate(sides: list[str], i: int) -> list[str]:
+    """The order of pair ``i``'s blocks: reversed every other pair (A B, B A, ...), so that a
+    cost of running first or second (a sync, a cold cache) falls on both sides alike."""
+    return sides if i % 2 == 0 else sides[::-1]
+
+
 def _block(trainer: Trainer, loader: Any, steps: int) -> float:
     trainer.optimizer.read_stats(reset=True)  # every block measures statistics on the same steps
     return trainer.epoch_on(loader, max_steps=steps) / steps
@@ -202,9 +208,9 @@ def matrix_section(device: torch.device, sizes: Sizes, loader: Any) -> tuple[str
                     for trainer in trainers.values():
                         trainer.warm_up(loader, sizes.warmup_steps)
                     warm = graphs_compiled()
-                    for _ in range(sizes.matrix_blocks):
-                        for name, trainer in trainers.items():
-                            step_s[name].append(_block(trainer, loader, steps))
+                    for i in range(sizes.matrix_blocks):
+                        for name in alternate(list(trainers), i):
+                            step_s[name].append(_block(trainers[name], loader, steps))
                     graphs = (warm - start, graphs_compiled() - warm)
             except Exception as exc:  # one failing mode (a compile, say) keeps the other rows
                 traceback.print_exc()
@@ -228,10 +234,9 @@ def matrix_section(device: torch.device, sizes: Sizes, loader: Any) -> tuple[str
     text = (
         f"### SGD and SAM epochs ({sizes.images:,} images, batch {sizes.batch}, channels_last)\n\n"
         f"Per row: {sizes.warmup_steps} warm-up steps and the last batch, then "
-        f"{sizes.matrix_blocks} interleaved pairs of {steps}-step blocks (SGD, then SAM); an "
-        "epoch is the median step time x steps per epoch, the ratio the median over pairs.\n\n"
-        + "\n".join(rows)
-        + "\n"
+        f"{sizes.matrix_blocks} interleaved pairs of {steps}-step blocks (SGD and SAM in turn "
+        "first); an epoch is the median step time x steps per epoch, the ratio the median over "
+        "pairs.\n\n" + "\n".join(rows) + "\n"
     )
     return text, ok
 
@@ -243,6 +248,7 @@ def presets_section(device: torch.device, sizes: Sizes, loader: Any) -> tuple[st
     """Each preset in blocks alternating with plain SAM on one model: load drifts cancel."""
     from samstudy.models import create_model
     from samstudy.optim import PRESETS
+    from samstudy.optim.config import DEFAULT_STATS_EVERY
 
     model = create_model(sizes.model, 10, (3, 32, 32))
     model = model.to(device, memory_format=torch.channels_last)
@@ -260,11 +266,12 @@ def presets_section(device: torch.device, sizes: Sizes, loader: Any) -> tuple[st
         trainer = Trainer(sizes.model, {"name": name, **preset.example}, device, bf16=bf16,
                           model=model)  # fmt: skip
         trainer.warm_up(loader, min(2, sizes.warmup_steps))
-        mine, ref, ratios = [], [], []
-        for _ in range(sizes.preset_pairs):
-            mine.append(_block(trainer, loader, steps))
-            ref.append(_block(sam, loader, steps))
-            ratios.append(mine[-1] / ref[-1])
+        times: dict[str, list[float]] = {"preset": [], "sam": []}
+        for i in range(sizes.preset_pairs):
+            for side in alternate(["preset", "sam"], i):
+                times[side].append(_block(trainer if side == "preset" else sam, loader, steps))
+        mine, ref = times["preset"], times["sam"]
+        ratios = [a / b for a, b in zip(mine, ref, strict=True)]
         ratio = statistics.median(ratios)
         if preset.two_step:
             ok.append(round(ratio, 3) <= PRESET_OVER_SAM_MAX)  # as printed
@@ -281,11 +288,10 @@ def presets_section(device: torch.device, sizes: Sizes, loader: Any) -> tuple[st
     precision = "bf16 autocast" if bf16 else "fp32"
     text = (
         f"### Every preset against SAM ({precision}, channels_last, eager model, optimizer "
-        f"defaults: statistics every 4th step)\n\n"
-        f"{sizes.preset_pairs} interleaved pairs of {steps}-step blocks (preset, then plain SAM "
-        "on the same model); step times are medians, the ratio the median over pairs.\n\n"
-        + "\n".join(rows)
-        + "\n"
+        f"defaults: statistics every {DEFAULT_STATS_EVERY} steps)\n\n"
+        f"{sizes.preset_pairs} interleaved pairs of {steps}-step blocks (preset and plain SAM on "
+        "the same model, in turn first); step times are medians, the ratio the median over "
+        "pairs.\n\n" + "\n".join(rows) + "\n"
     )
     del sam, model
     free(device)

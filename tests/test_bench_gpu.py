@@ -79,7 +79,8 @@ def test_cpu_smoke_run_writes_every_table(local_ray: None, tmp_path: Path) -> No
     ]
     for _, mode, sgd_s, sam_s, sgd_rate, sam_rate, ratio, ok, graphs in matrix:
         positive(sgd_s, sam_s, sgd_rate, sam_rate, ratio)
-        assert number(ratio) == pytest.approx(number(sam_s) / number(sgd_s), rel=0.05)
+        # the median over block pairs, near the ratio of the median step times
+        assert number(ratio) == pytest.approx(number(sam_s) / number(sgd_s), rel=0.2)
         assert ok == ("pass" if number(ratio) <= bench_gpu.SAM_OVER_SGD_MAX else "fail")
         assert number(sam_rate) == pytest.approx(20 / number(sam_s), rel=0.05, abs=1)
         # every shape an epoch meets was compiled in the warm-up, not inside the timing
