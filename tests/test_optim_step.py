@@ -435,3 +435,40 @@ def test_second_pass_under_autocast_sees_the_perturbed_weights(name, mode, flat_
                                second_grad=mode, **knobs)  # fmt: skip
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3), nn.Flatten(),
+                        nn.Linear(3 * 2 * 2, 3))  # fmt: skip
+    return net.to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("flat_sources", [None, True])
+def test_d_is_laid_out_like_channels_last_parameters_on_the_gpu_path(flat_sources):
+    # On a GPU, foreach kernels (the base SGD step on d) launch one kernel per tensor unless
+    # each gradient is laid out like its parameter: d's views must follow channels_last.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 2, 6, 6, generator=gen).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 3, (8,), generator=gen)
+    model = conv_net()
+    assert model[0].weight.stride() != model[0].weight.contiguous().stride()
+    g, gp = ref_gp(copy.deepcopy(model), x, y, "full")
+    knobs = PRESETS["saner"].example
+    want = [ref_rule(preset_table("saner", **knobs), a, b) for a, b in zip(g, gp, strict=True)]
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = create_optimizer(model.named_parameters(), name="saner", lr=1.0, rho=RHO, **knobs)
+    opt.flat_sources = flat_sources
+    seen = []
+    base_step = opt.base_optimizer.step
+    opt.base_optimizer.step = lambda: (
+        seen.extend(p.grad.stride() == p.stride() for p in model.parameters()),
+        base_step(),
+    )
+    opt.train_step(model, LOSS, x, y)
+    got = [b - p.detach() for b, p in zip(before, model.parameters(), strict=True)]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert [p.stride() for p in model.parameters()] == [p.stride() for p in conv_net().parameters()]
+    if flat_sources:  # the CPU path keeps its own (contiguous) layout and its C loop
+        assert seen and all(seen), seen

@@ -51,13 +51,37 @@ class Piece:
     segments: torch.Tensor | None = None  # [blocks, members]: block b belongs to member m
 
 
+def _dense(shape: torch.Size, stride: Sequence[int]) -> bool:
+    """Does a tensor of ``shape`` and ``stride`` cover exactly ``shape.numel()`` consecutive
+    elements (a permutation of the contiguous layout, e.g. channels_last)?"""
+    expected = 1
+    for st, size in sorted((st, size) for st, size in zip(stride, shape, strict=True) if size != 1):
+        if st != expected:
+            return False
+        expected *= size
+    return True
+
+
 class FlatSpace:
     """Persistent flat buffers (and cached per-parameter views) for tensors of given shapes."""
 
     def __init__(
-        self, shapes: Sequence[torch.Size], device: torch.device, dtype: torch.dtype
+        self,
+        shapes: Sequence[torch.Size],
+        device: torch.device,
+        dtype: torch.dtype,
+        strides: Sequence[tuple[int, ...]] | None = None,
     ) -> None:
+        """``strides``: lay each shaped view out like its parameter (channels_last, say) where
+        that layout is dense. The GPU path passes them: multi-tensor kernels (the gathers, the
+        base optimizer's foreach step on d) take their fast route only when every tensor is
+        laid out like its partner, else they launch one kernel per tensor. The CPU path, which
+        reads segments as flat runs in the parameters' logical order, passes none."""
         self.shapes = [torch.Size(s) for s in shapes]
+        self.strides = [
+            tuple(st) if st is not None and _dense(shape, st) else None
+            for shape, st in zip(self.shapes, strides or [None] * len(self.shapes), strict=True)
+        ]
         self.numels = [s.numel() for s in self.shapes]
         self.starts: list[int] = []
         end = 0
@@ -104,8 +128,14 @@ class FlatSpace:
         if views is None:
             buf = self._buffers[name]
             views = [
-                buf[a : a + n].view(shape) if shaped else buf[a : a + n]
-                for a, n, shape in zip(self.starts, self.numels, self.shapes, strict=True)
+                buf[a : a + n]
+                if not shaped
+                else buf[a : a + n].view(shape)
+                if stride is None
+                else buf.as_strided(shape, stride, buf.storage_offset() + a)
+                for a, n, shape, stride in zip(
+                    self.starts, self.numels, self.shapes, self.strides, strict=True
+                )
             ]
             self._views[key] = views
         return views

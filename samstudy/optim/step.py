@@ -125,7 +125,7 @@ class SamOptimizer(torch.optim.Optimizer):
         self._steps = 0
         # steps since the last read_stats(reset=True): every read period starts measured
         self._phase = 0
-        self._layout_key: tuple[int, ...] | None = None
+        self._layout_key: tuple[Any, ...] | None = None
         self._spaces: list[_Part] = []
         self._stats: StepStats | None = None
         self._module_names: tuple[Any, tuple[int, ...], list[str]] | None = None
@@ -420,7 +420,7 @@ class SamOptimizer(torch.optim.Optimizer):
     # -- layout and names -------------------------------------------------------------------
 
     def _ensure_layout(self, params: list[torch.Tensor]) -> None:
-        key = tuple(map(id, params))
+        key = (*map(id, params), self.flat_sources)
         if key == self._layout_key:
             return
         self._layout_key = key
@@ -432,7 +432,11 @@ class SamOptimizer(torch.optim.Optimizer):
         self._stats = StepStats(len(params), params[0].device) if self.stats_enabled else None
         self._spaces = []
         for (device, dtype), idx in by_kind.items():
-            space = FlatSpace([params[i].shape for i in idx], device, dtype)
+            shapes = [params[i].shape for i in idx]
+            if self._flat_path(device.type == "cpu"):  # d's views laid out like the parameters
+                space = FlatSpace(shapes, device, dtype, [params[i].stride() for i in idx])
+            else:
+                space = FlatSpace(shapes, device, dtype)
             self._spaces.append(_Part(idx, space, self._stats))
         self._unused_masks: dict[tuple[bool, ...], torch.Tensor] = {}
         self._wp: list[torch.Tensor] | None = None
