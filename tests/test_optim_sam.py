@@ -168,6 +168,24 @@ def test_dropin_under_one_autocast_context_perturbs_the_second_pass():
     assert_same_model(models[True], models[False])
 
 
+def test_dropin_second_step_leaves_no_perturbed_casts_behind():
+    # After second_step (lr = 0: w unchanged) a forward in the same autocast context runs at w.
+    x, y = batches(1)[0]
+    model = make_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        LOSS(model(x).float(), y).backward()
+        opt.first_step(zero_grad=True)
+        with bn.running_stats_frozen(model):
+            LOSS(model(x).float(), y).backward()
+        opt.second_step(zero_grad=True)
+        model.eval()
+        after = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = model(x)
+    assert torch.equal(after, fresh)
+
+
 @pytest.mark.parametrize("ascent", ["sam", "adaptive"])
 def test_train_step_matches_port(ascent):
     data = batches(12)

@@ -472,3 +472,32 @@ def test_d_is_laid_out_like_channels_last_parameters_on_the_gpu_path(flat_source
     assert [p.stride() for p in model.parameters()] == [p.stride() for p in conv_net().parameters()]
     if flat_sources:  # the CPU path keeps its own (contiguous) layout and its C loop
         assert seen and all(seen), seen
+
+
+@pytest.mark.parametrize("flat_sources", [None, True])
+def test_a_forward_after_the_step_in_the_same_autocast_context_runs_at_w(flat_sources):
+    # The second pass leaves w + e's casts in autocast's cache unless it is cleared again after
+    # moving back to w; lr = 0 keeps w, so a later forward must equal one in a fresh context.
+    x, y = batch()
+    model = mlp()
+    opt = create_optimizer(model.named_parameters(), name="sam", lr=0.0, rho=RHO)
+    opt.flat_sources = flat_sources
+    with bf16():
+        opt.train_step(model, LOSS, x, y)
+        after = model(x)
+    with bf16():
+        fresh = model(x)
+    assert torch.equal(after, fresh)
+
+
+def test_a_space_laid_out_like_its_parameters_refuses_flat_segments():
+    # Flat segments are read against reshape(-1) (logical order); a strided view's memory order
+    # differs, so handing them out would permute d silently.
+    from samstudy.optim.flat import FlatSpace
+
+    w = conv_net()[0].weight
+    space = FlatSpace([w.shape], w.device, w.dtype, [w.stride()])
+    space.buffer("D")
+    assert space.views("D")[0].stride() == w.stride()
+    with pytest.raises(ValueError, match="flat segments"):
+        space.views("D", shaped=False)

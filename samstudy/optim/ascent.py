@@ -107,8 +107,8 @@ def ascent(
         # takes a slow unvectorised path on CPU (10x a pass), and a float bound would sync
         torch._foreach_maximum_(e, [-tau] * len(e))
         torch._foreach_minimum_(e, [tau] * len(e))
-        if cfg.clamp_renorm:
-            e = _scaled(e, rhos, global_norm(e), out)
+        if cfg.clamp_renorm:  # in place: e is out, or fresh tensors of its own
+            e = _scaled(e, rhos, global_norm(e), e)
     return e, gnorm
 
 
@@ -131,7 +131,7 @@ def _adaptive(
         norm = global_norm(torch._foreach_mul(t, grads))
         t2 = torch._foreach_mul(t, t)
         torch._foreach_mul_(t2, grads)
-        return _scaled(t2, rhos, norm, out)
+        return _scaled(t2, rhos, norm, out if out is not None else t2)
     if out is None:  # fresh tensors (the GPU path): one multi-tensor launch per product
         norm = global_norm(torch._foreach_mul(weights, grads))
         out = torch._foreach_mul(weights, weights)

@@ -126,6 +126,9 @@ class FlatSpace:
         key = (name, shaped)
         views = self._views.get(key)
         if views is None:
+            if not shaped and any(st is not None for st in self.strides):
+                # a segment's run is in memory order, a tensor's reshape(-1) in logical order
+                raise ValueError("flat segments of a space laid out like its parameters")
             buf = self._buffers[name]
             views = [
                 buf[a : a + n]

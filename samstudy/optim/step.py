@@ -6,9 +6,10 @@ rule and its statistics) and its hot path is tuned: see "Cost" in docs/optimizer
 ``opt.train_step(model, loss_fn, inputs, targets) -> (loss, logits)`` performs a whole step:
 
 1. first forward/backward at w (BatchNorm updates its running statistics here only);
-2. the ascent e (``sam`` / ``adaptive`` / ``clamp``) and w + e in tensors of their own: g's own
-   storage when nothing needs g any more (plain ``sam`` on an unmeasured step), else buffers
-   kept from step to step; w itself is never written;
+2. the ascent e (``sam`` / ``adaptive`` / ``clamp``) and w + e in tensors of their own: on a
+   GPU fresh ones (one multi-tensor launch); on CPU g's own storage when nothing needs g any
+   more (plain ``sam`` on an unmeasured step), else buffers kept from step to step; w itself
+   is never written;
 3. the second pass at w + e on the model itself (each parameter's ``.data`` points at its w + e
    for the pass and back at w after it, even on errors) with BatchNorm running statistics
    frozen, giving g_p by the ``second_grad`` mode:
@@ -120,7 +121,8 @@ class SamOptimizer(torch.optim.Optimizer):
         self.second_grad = second_grad
         self.stats_enabled = stats
         self.stats_every = stats_every
-        # Gather g and g_p into flat buffers before the rule (None: on GPUs only, see rules)
+        # The GPU path (gathered flat buffers, fresh e) on CPU too (tests), or never; None: on
+        # GPUs only. Set it before the first step: a change rebuilds the layout and its stats.
         self.flat_sources: bool | None = None
         self._steps = 0
         # steps since the last read_stats(reset=True): every read period starts measured
@@ -327,6 +329,8 @@ class SamOptimizer(torch.optim.Optimizer):
             enorm = self._ascent_norm(e, gnorm, rhos) if measure else None
             torch._foreach_add_(e, w)  # w + e in place: e itself is not needed any more
             wp = e
+            if not keep_g:
+                g = None  # on a GPU e is a copy: g's memory is free for the second pass
         # BatchNorm: running statistics move in the first pass only (as bn.running_stats_frozen)
         frozen = [m for m in norms if m.track_running_stats]
         for m in frozen:
@@ -363,7 +367,7 @@ class SamOptimizer(torch.optim.Optimizer):
                 gi if gi is not None else torch.zeros_like(p)
                 for gi, p in zip(gp, params, strict=True)
             ]
-        return logits.detach(), loss.detach(), g if keep_g else None, gp, enorm, gnorm, used
+        return logits.detach(), loss.detach(), g, gp, enorm, gnorm, used
 
     def _perturbed_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """e and then w + e, in tensors kept from step to step (fresh ones cost page faults):
