@@ -369,3 +369,29 @@ def test_the_error_file_is_named_where_a_user_opens_it(scheme: str, path: str, s
     failure = book.take(trial)
     assert failure.error_file == shown
     assert failure.summary == "TrialError: RuntimeError: boom"
+
+
+def test_a_requested_exit_inside_a_gc_callback_prints_no_traceback() -> None:
+    # Ray's SIGTERM handler raises SystemExit; landing in a WeakSet callback during a stop,
+    # Python printed "Exception ignored ... Traceback" into the driver's terminal. In a fresh
+    # process (pytest installs its own unraisable hook): SystemExit is silent, others are not.
+    code = """
+import gc, weakref
+from samstudy.study.worker import quiet_requested_exits
+class Box: pass
+def raising(kind):
+    def callback(_ref):
+        raise kind("from a gc callback")
+    return callback
+quiet_requested_exits(); quiet_requested_exits()
+for kind in (SystemExit, ValueError):
+    box = Box()
+    ref = weakref.ref(box, raising(kind))
+    del box
+    gc.collect()
+print("alive")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "alive", out
+    assert "SystemExit" not in out.stderr, out.stderr
+    assert "ValueError: from a gc callback" in out.stderr, out.stderr

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -72,6 +73,7 @@ def trainable(
     The function's name is part of every Tune experiment (``Tuner.restore`` checks it): keep it.
     """
     started_at, started = time.time(), time.perf_counter()
+    quiet_requested_exits()
     import ray
     import torch
     from ray import tune
@@ -227,6 +229,28 @@ class StopWatch:
         except OSError:  # a storage that does not answer: the driver still stops the trial
             pass
         return self.seen
+
+
+def quiet_requested_exits() -> None:
+    """Say nothing when Ray's SIGTERM handler cannot raise its ``SystemExit`` (idempotent).
+
+    Ray ends a worker on SIGTERM (``samstudy stop``, a trial Tune cancels) by raising
+    ``SystemExit`` from its signal handler. When the signal lands inside a callback that the
+    garbage collector runs (a ``WeakSet``'s), Python cannot raise it there and prints
+    "Exception ignored ... Traceback" into the driver's terminal, for an exit that was asked
+    for. Every other exception that cannot be raised still goes to the default hook.
+    """
+    default = sys.unraisablehook
+    if getattr(default, "samstudy_quiet_exits", False):
+        return
+
+    def hook(args: Any) -> None:
+        if args.exc_type is not None and issubclass(args.exc_type, SystemExit):
+            return
+        default(args)
+
+    hook.samstudy_quiet_exits = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def epoch_results(result: Mapping[str, Any]) -> list[Mapping[str, Any]]:
