@@ -41,14 +41,17 @@ def write_study(tmp: Path) -> Path:
     return path
 
 
-def driver(study: Path, package: Path | None = None) -> subprocess.Popen:
-    """``samstudy study`` on ``study``; ``package``: a folder with another samstudy to run."""
+def driver(study: Path, package: Path | None = None, prelude: str = "") -> subprocess.Popen:
+    """``samstudy study`` on ``study``; ``package``: a folder with another samstudy to run;
+    ``prelude``: Python the driver runs first (a fault to inject)."""
     drop = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PYTHONPATH")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if package is not None:  # first on the path of the driver and of its Ray workers
         env["PYTHONPATH"] = str(package)
-    command = [sys.executable, "-m", "samstudy", "study", str(study), "--num-cpus", "2"]
+    entry = ["-c", f"{prelude}\nimport runpy; runpy.run_module('samstudy', run_name='__main__')"]
+    command = [sys.executable, *(entry if prelude else ["-m", "samstudy"])]
+    command += ["study", str(study), "--num-cpus", "2"]
     command += ["--progress-interval", "0"]
     # Its own session: after a SIGKILL the test can still reap the Ray processes it started.
     return subprocess.Popen(
@@ -167,6 +170,51 @@ def previous_version(tmp: Path) -> Path:
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(folder, filter="data")
     return folder
+
+
+# Dies the moment Tune has taken a trial's second checkpoint: with `keep: 1` that is when Tune
+# deletes the first, which its state in the storage still names until its next sync.
+DIE_AFTER_A_DELETION = """
+import collections, os
+from ray.tune.experiment import trial as trial_module
+taken = collections.Counter()
+register = trial_module.Trial.on_checkpoint
+def on_checkpoint(self, checkpoint_result):
+    register(self, checkpoint_result)
+    taken[self.trial_id] += 1
+    if taken[self.trial_id] == 2:
+        os._exit(137)
+trial_module.Trial.on_checkpoint = on_checkpoint
+"""
+
+
+def test_a_driver_killed_right_after_tune_deleted_a_checkpoint_resumes(tmp_path: Path) -> None:
+    """Tune deletes a running trial's older checkpoint when it takes a newer one and saves its
+    state (which names the older one) only later; a driver killed in between once left a trial
+    that no resume could restore (fresh-clone CI: "does not exist on storage anymore")."""
+    study = write_study(tmp_path)
+    spec = yaml.safe_load(study.read_text())
+    spec["grid"] = {"seed": [0]}
+    spec["checkpoints"] = {"keep": 1}
+    study.write_text(yaml.safe_dump(spec))
+
+    code, out = finish(driver(study, prelude=DIE_AFTER_A_DELETION))
+    assert code == 137, out
+    trial = next((tmp_path / "ray" / "interrupted").glob("*-s0"))
+    assert (trial / "checkpoint_000000").is_dir()  # held: the saved state still names it
+
+    code, out = finish(driver(study))
+    assert code == 0 and "resuming study" in out and "complete" in out, out
+    for noise in ("does not exist on storage", "FileNotFoundError", "retry"):
+        assert noise not in out, out
+    assert not list(trial.glob("checkpoint_*"))  # all pruned once the trial finished
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("interrupted")
+    (run,) = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`samstudy.role` = 'trial'"
+    )
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
 
 
 @pytest.mark.parametrize("kind", ["grid", "search"])

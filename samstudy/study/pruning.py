@@ -6,12 +6,15 @@
   ``experiment_state-*.json`` in the storage that a resume reads, records the trial as
   finished: a driver killed before that would otherwise resume the trial from a checkpoint that
   is gone.
-* On a URI (S3), a running trial's older checkpoints too: Tune deletes the one before its last
-  ``checkpoints.keep`` as soon as it registers a newer one, but uploads its state in the
-  background, so for a moment the state in the bucket names a checkpoint that is gone, and a
-  driver killed then leaves a trial that cannot resume. :meth:`CheckpointPruner.deferring`
+* A running trial's older checkpoints: Tune deletes the one before its last
+  ``checkpoints.keep`` as soon as it registers a newer one, but writes its state to the storage
+  later (at the end of its loop step, by a background sync, which skips a round while the last
+  one still runs), so for a while the state in the storage names a checkpoint that is gone, and
+  a driver killed then leaves a trial that cannot resume ("does not exist on storage anymore",
+  or Tune's own deletion of it failing). On S3 that lasts seconds; on a busy local disk it is
+  short but real (a fresh-clone CI run killed a driver in it). :meth:`CheckpointPruner.deferring`
   holds those deletions (Tune's ``_delete_fs_path`` on the driver) until the state in the
-  storage no longer names the checkpoint. (A local folder takes the state in milliseconds.)
+  storage no longer names the checkpoint, so a held one outlives it by up to ``CHECK_EVERY_S``.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class CheckpointPruner(Callback):
     after ``fit`` (``final=True``). The deletions run in a thread of their own: on S3 each takes
     a few requests, which Tune's loop would otherwise wait for."""
 
-    def __init__(self, files: ExperimentFiles, finished: bool = True, defer: bool = False) -> None:
+    def __init__(self, files: ExperimentFiles, finished: bool = True, defer: bool = True) -> None:
         self.files = files
         self.finished, self.defer = finished, defer
         self._pending: dict[str, Any] = {}  # Tune trial id -> Tune trial, finished

@@ -22,7 +22,6 @@ order rather than split into helpers that each need all of it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -332,17 +331,11 @@ def run_study(
                         )
                         again = False
                         todo = pending if study.search is None else todo
-                    pruner = None
-                    if not keep_final or tune_fs is not None:  # on a URI: deletions wait too
-                        pruner = CheckpointPruner(
-                            at.files, finished=not keep_final, defer=tune_fs is not None
-                        )
+                    pruner = CheckpointPruner(at.files, finished=not keep_final)
                     # Experiments of this version hold their JSON logger in the run config, so
                     # a restore too runs without Tune's default loggers (older ones keep them).
                     switches = tune_switches(again and not state.get("own_loggers"))
-                    held = pruner.deferring() if pruner is not None else contextlib.nullcontext()
-                    extra = [pruner] if pruner is not None else []
-                    with dispatching([*active, *extra]), tune_env(switches), quiet_tune(), held:
+                    with dispatching([*active, pruner]), tune_env(switches), quiet_tune():
                         if again:
                             tuner = tune.Tuner.restore(
                                 at.tune_path,
@@ -368,9 +361,9 @@ def run_study(
                                     verbose=0,
                                 ),
                             )
-                        tuner.fit()
-                    if pruner is not None:  # Tune's final state is saved: the rest is safe now
-                        pruner.prune(final=True)
+                        with pruner.deferring():
+                            tuner.fit()
+                    pruner.prune(final=True)  # Tune's final state is saved: the rest is safe now
             except Exception as exc:
                 # A trial's checkpoint or the state file (the book saw it; Tune wraps what a
                 # callback raises), or Tune's own writes to the storage.

@@ -52,8 +52,8 @@ class _Strict(BaseModel):
 class Checkpoints(_Strict):
     """Which checkpoints a study keeps in its storage (fixed when the study first starts)."""
 
-    # Two, not one: a driver killed outright can leave Tune's saved state naming the one
-    # before the last, which a resume then needs.
+    # Any value resumes after a driver killed outright: an older checkpoint goes only once
+    # Tune's saved state no longer names it (pruning.py).
     keep: int = Field(2, ge=1, description="checkpoints kept per running trial (the latest)")
     keep_final: bool = Field(
         False, description="keep a finished trial's last checkpoint (its final weights)"
