@@ -217,6 +217,28 @@ def test_a_driver_killed_right_after_tune_deleted_a_checkpoint_resumes(tmp_path:
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
 
 
+def test_a_trial_whose_checkpoint_is_gone_fails_with_tunes_reason(tmp_path: Path) -> None:
+    """A checkpoint lost from the storage (deleted by hand) makes each restore fail; the study
+    says why (Tune's error from the driver's own copy: the storage's comes a sync later)."""
+    study = write_study(tmp_path)
+    spec = yaml.safe_load(study.read_text())
+    spec["grid"] = {"seed": [0]}
+    spec["checkpoints"] = {"keep": 1}
+    study.write_text(yaml.safe_dump(spec))
+    code, out = finish(driver(study, prelude=DIE_AFTER_A_DELETION))
+    assert code == 137, out
+    for folder in (tmp_path / "ray" / "interrupted").glob("*-s0/checkpoint_*"):
+        shutil.rmtree(folder)
+
+    code, out = finish(driver(study))
+    assert code == 1 and "failed trials (1)" in out, out
+    retries = [line for line in out.splitlines() if line.startswith("[") and "s0  " in line]
+    retries = [line for line in retries if " retry " in line or " FAILED " in line]
+    assert len(retries) == 4, out  # Tune's max_failures: 3 retries, then it fails
+    for line in retries:
+        assert "Could not recover from checkpoint" in line and "unknown error" not in line, out
+
+
 @pytest.mark.parametrize("kind", ["grid", "search"])
 def test_study_of_the_previous_version_resumes(tmp_path: Path, kind: str) -> None:
     """Started by the previous version and interrupted after a trial ended, a study resumes

@@ -18,10 +18,12 @@ from the last checkpoint.
 from __future__ import annotations
 
 import errno
+import pickle
 import re
 import traceback
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from samstudy.paths import redact
@@ -132,11 +134,7 @@ def from_tune_error(trial: Any) -> Failure:
     """The failure of a trial that sent none (its worker died, or the error could not be
     sent), from what Tune stored: the pickled error's cause, else its text."""
     where = error_file(trial)
-    exc: Any = None
-    try:
-        exc = trial.get_pickled_error()
-    except Exception:  # noqa: BLE001 - storage unreadable: fall back to the text below
-        exc = None
+    exc = _tune_error(trial)
     cause = getattr(exc, "cause", None)
     if isinstance(cause, BaseException):
         failure = describe(cause)
@@ -144,14 +142,27 @@ def from_tune_error(trial: Any) -> Failure:
     if exc is not None and type(exc).__name__ in ("RayActorError", "ActorDiedError"):
         message = "the trial's worker process died (killed, out of host memory, or crashed)"
         return Failure("WorkerDied", message, str(exc), True, None, where)
-    text = ""
-    try:
-        text = trial.get_error() or ""
-    except Exception:  # noqa: BLE001
-        text = ""
+    text = str(_tune_error(trial, pickled=False) or "")
     last = [line for line in redact(text or exc or "").splitlines() if line.strip()]
     message = last[-1] if last else "unknown error (no error record; see Ray's logs)"
     return Failure("TrialError", message, redact(text), True, None, where)
+
+
+def _tune_error(trial: Any, pickled: bool = True) -> Any:
+    """Tune's record of a trial's last error (the pickled exception, else its text), read from
+    the driver's own copy first: Tune writes it there before the callbacks run and copies it to
+    the storage with its next state sync, so the storage's copy is often not there yet (a failed
+    restore then read "unknown error"). None when neither can be read."""
+    local = getattr(trial, "pickled_error_file" if pickled else "error_file", None)
+    try:
+        if local and Path(local).is_file():
+            if not pickled:
+                return Path(local).read_text(errors="replace")
+            with open(local, "rb") as stream:  # Tune wrote it (cloudpickle) on this driver
+                return pickle.load(stream)
+        return trial.get_pickled_error() if pickled else trial.get_error()
+    except Exception:  # noqa: BLE001 - unreadable: the caller falls back to less
+        return None
 
 
 def failure_table(rows: list[tuple[str, Failure]], width: int = 160) -> str:
