@@ -188,18 +188,23 @@ trial_module.Trial.on_checkpoint = on_checkpoint
 """
 
 
-def test_a_driver_killed_right_after_tune_deleted_a_checkpoint_resumes(tmp_path: Path) -> None:
-    """Tune deletes a running trial's older checkpoint when it takes a newer one and saves its
-    state (which names the older one) only later; a driver killed in between once left a trial
-    that no resume could restore (fresh-clone CI: "does not exist on storage anymore")."""
-    study = write_study(tmp_path)
+def killed_after_a_deletion(tmp: Path) -> Path:
+    """A one-trial study (``keep: 1``) whose driver died as DIE_AFTER_A_DELETION says."""
+    study = write_study(tmp)
     spec = yaml.safe_load(study.read_text())
     spec["grid"] = {"seed": [0]}
     spec["checkpoints"] = {"keep": 1}
     study.write_text(yaml.safe_dump(spec))
-
     code, out = finish(driver(study, prelude=DIE_AFTER_A_DELETION))
     assert code == 137, out
+    return study
+
+
+def test_a_driver_killed_right_after_tune_deleted_a_checkpoint_resumes(tmp_path: Path) -> None:
+    """Tune deletes a running trial's older checkpoint when it takes a newer one and saves its
+    state (which names the older one) only later; a driver killed in between once left a trial
+    that no resume could restore (fresh-clone CI: "does not exist on storage anymore")."""
+    study = killed_after_a_deletion(tmp_path)
     trial = next((tmp_path / "ray" / "interrupted").glob("*-s0"))
     assert (trial / "checkpoint_000000").is_dir()  # held: the saved state still names it
 
@@ -220,13 +225,7 @@ def test_a_driver_killed_right_after_tune_deleted_a_checkpoint_resumes(tmp_path:
 def test_a_trial_whose_checkpoint_is_gone_fails_with_tunes_reason(tmp_path: Path) -> None:
     """A checkpoint lost from the storage (deleted by hand) makes each restore fail; the study
     says why (Tune's error from the driver's own copy: the storage's comes a sync later)."""
-    study = write_study(tmp_path)
-    spec = yaml.safe_load(study.read_text())
-    spec["grid"] = {"seed": [0]}
-    spec["checkpoints"] = {"keep": 1}
-    study.write_text(yaml.safe_dump(spec))
-    code, out = finish(driver(study, prelude=DIE_AFTER_A_DELETION))
-    assert code == 137, out
+    study = killed_after_a_deletion(tmp_path)
     for folder in (tmp_path / "ray" / "interrupted").glob("*-s0/checkpoint_*"):
         shutil.rmtree(folder)
 

@@ -259,7 +259,7 @@ def test_tune_deletes_a_checkpoint_only_once_the_saved_state_no_longer_names_it(
     with files.fs.open_output_stream(f"{other}/trial.pt") as stream:
         stream.write(b"weights")
     delete = checkpoint_manager._delete_fs_path
-    pruner = CheckpointPruner(files, finished=False, defer=True)
+    pruner = CheckpointPruner(files, finished=False)
     with pruner.deferring():
         checkpoint_manager._delete_fs_path(fs=files.fs, fs_path=folders[0])
         checkpoint_manager._delete_fs_path(fs=files.fs, fs_path=other)  # not this study's

@@ -42,14 +42,14 @@ _HEX = re.compile(r"[0-9a-f]{40,}")
 
 class CheckpointPruner(Callback):
     """Deletes checkpoints once Tune's saved experiment state lets it (module docstring):
-    ``finished``: the ``checkpoint_*`` folders of trials recorded as ``TERMINATED``; ``defer``:
-    the ones Tune deletes while it runs (see :meth:`deferring`). :meth:`prune` runs once more
+    ``finished``: the ``checkpoint_*`` folders of trials recorded as ``TERMINATED``; always: the
+    ones Tune deletes while it runs (see :meth:`deferring`). :meth:`prune` runs once more
     after ``fit`` (``final=True``). The deletions run in a thread of their own: on S3 each takes
     a few requests, which Tune's loop would otherwise wait for."""
 
-    def __init__(self, files: ExperimentFiles, finished: bool = True, defer: bool = True) -> None:
+    def __init__(self, files: ExperimentFiles, finished: bool = True) -> None:
         self.files = files
-        self.finished, self.defer = finished, defer
+        self.finished = finished
         self._pending: dict[str, Any] = {}  # Tune trial id -> Tune trial, finished
         self._deferred: list[tuple[Any, str]] = []  # (filesystem, path) Tune deleted
         self._seen: tuple[str, Any, Any] | None = None  # the state file last read
@@ -67,14 +67,12 @@ class CheckpointPruner(Callback):
 
     @contextlib.contextmanager
     def deferring(self) -> Iterator[None]:
-        """While Tune runs: its deletions of checkpoints in this experiment wait here (with
-        ``defer``; otherwise they happen at once)."""
+        """While Tune runs: its deletions of checkpoints in this experiment wait here."""
         from ray.train._internal import checkpoint_manager
 
         delete = getattr(checkpoint_manager, "_delete_fs_path", None)
-        if not self.defer or delete is None:
-            if self.defer:  # a Ray that deletes otherwise: its own timing, as on a local disk
-                logger.warning("this Ray's checkpoint deletions cannot be held (pruning.py)")
+        if delete is None:  # a Ray that deletes otherwise: its own timing
+            logger.warning("this Ray's checkpoint deletions cannot be held (pruning.py)")
             yield
             return
         inside = f"{self.files.base}/"
