@@ -63,6 +63,9 @@ class Sizes:
     share_counts: tuple[int, ...] = (1, 2, 4)
     precisions: tuple[str, ...] = ("fp32", "bf16")
     compile: tuple[bool, ...] = (False, True)
+    # torch.compile's backend: a CPU smoke run takes "aot_eager" (Dynamo's graphs, counted the
+    # same, without the minutes of C++ that inductor builds on a CPU)
+    compile_backend: str = "inductor"
     parts: tuple[str, ...] = PARTS
     model: str = "resnet18"
 
@@ -96,6 +99,7 @@ class Trainer:
         *,
         bf16: bool,
         compiled: bool = False,
+        backend: str = "inductor",
         model: torch.nn.Module | None = None,
     ) -> None:
         from samstudy.models import create_model
@@ -109,7 +113,7 @@ class Trainer:
                 # In place: parameter names stay those of the model, which the second pass of
                 # SAM (functional_call by name) needs. Static shapes: the last, shorter batch
                 # gets its own graph instead of turning every batch's graph dynamic.
-                model.compile(dynamic=False)
+                model.compile(dynamic=False, backend=backend)
         self.model, self.device, self.bf16 = model, device, bf16
         self.optimizer = create_optimizer(model.named_parameters(), **{**RECIPE, **optimizer})
         self.epoch = 0
@@ -201,7 +205,12 @@ def matrix_section(device: torch.device, sizes: Sizes, loader: Any) -> tuple[str
                     bf16 = precision == "bf16"
                     trainers = {
                         name: Trainer(
-                            sizes.model, {"name": name}, device, bf16=bf16, compiled=compiled
+                            sizes.model,
+                            {"name": name},
+                            device,
+                            bf16=bf16,
+                            compiled=compiled,
+                            backend=sizes.compile_backend,
                         )
                         for name in step_s
                     }
@@ -318,6 +327,8 @@ def bench(device: torch.device, sizes: Sizes) -> str:
     else:
         title = f"## GPU bench, CPU smoke run of {sizes.model} (not GPU figures)"
         env = f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    if sizes.compile_backend != "inductor":  # the default goes unsaid
+        env += f", torch.compile backend {sizes.compile_backend}"
     sections: list[str] = []
     targets: dict[str, list[bool]] = {}
     took: dict[str, float] = {}

@@ -1,11 +1,42 @@
-"""Shared pytest set-up: small thread counts so tests behave on a 2-core machine."""
+"""Shared pytest set-up: small thread counts so tests behave on a 2-core machine, and what
+``make test`` needs to run the suite on two pytest-xdist workers (``-n 2 --dist loadfile``)."""
 
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Each pytest-xdist worker has a Ray temp folder of its own: a plain ray.init() joins the
+    # cluster named in that folder's address file, so a `ray start` of one worker's test would
+    # otherwise take in the other worker's ray.init(). A short path: Ray's sockets live there.
+    os.environ.setdefault("RAY_TMPDIR", f"/tmp/ray-{os.environ['PYTEST_XDIST_WORKER']}")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+# The longest modules, measured alone on a 2-core machine (75-180 s each): started first.
+LONGEST = (
+    "test_study_run_driver.py",
+    "test_analysis_studies.py",
+    "test_study_faults.py",
+    "test_study_control.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest modules first, then the other modules with end-to-end (``slow``) tests, then
+    the rest; each module's own order is kept. ``--dist loadfile --no-loadscope-reorder`` hands
+    out whole modules in this order, so no worker ends the run alone on a long module while the
+    other has nothing left."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        if item.path.name in LONGEST:
+            return 0, LONGEST.index(item.path.name)
+        return (1 if item.path in slow else 2), 0
+
+    items.sort(key=rank)
