@@ -210,6 +210,11 @@ SAM_VS_PORT, SAM_VS_BARE, VARIANT_VS_SAM, STATS_VS_OFF = 1.00, 1.10, 1.05, 1.02
 # The statistics row (its 'before' figure: the code before issue 14 at its default, every 4th step)
 STATS_ROW = "statistics at the default vs off"
 STATS_BLOCK_ROW = "statistics on one step in {n} vs off"
+# Rows whose variant is plain sam at its default statistics: on blocks shorter than the default's
+# cycle they are weighed as that cycle (the block's own figure is printed beside, information).
+PORT_ROW, BARE_ROW = "sam vs port-style loop", "sam vs bare two passes + SGD"
+CYCLE_ROWS = {PORT_ROW: "{label}, statistics on one step in {n}", BARE_ROW: "{label}, "
+              "statistics on one step in {n}", STATS_ROW: STATS_BLOCK_ROW}  # fmt: skip
 MODELS = ("resnet18", "mlp")
 OFF = {"stats": False}
 LOSS = torch.nn.functional.cross_entropy
@@ -364,8 +369,9 @@ def _cycle_costs(positions: list[list[float]], every: int) -> tuple[float, float
 
 
 # The figures of the code before issue 14: this section run on commit fbd2924's samstudy (the
-# same benchmark code) on this machine, 2026-12-03 14:44 (load average 5.0 at start): model ->
-# row label -> ratio by process CPU time (the verdict's ratio).
+# same benchmark code), 2026-12-03 14:44 (load average 5.0 at start): model -> row label ->
+# ratio by process CPU time (the verdict's ratio).
+BEFORE_MACHINE = "the 2-core AVX-512 machine of 2026-12-03 (ResNet-18 SAM step 0.36 s)"
 BEFORE: dict[str, dict[str, float]] = {
     "resnet18": {
         "sam vs port-style loop": 1.015,
@@ -420,8 +426,8 @@ def _target_rows(model, key: str, batch: int) -> list[TargetRow]:
     """The rows of one model: its headline (against the port on ResNet-18, the bare passes on
     the MLP), statistics, then every variant against plain sam."""
     sam, off = {"name": "sam"}, {"name": "sam", **OFF}
-    port = ("sam vs port-style loop", lambda: _sam(model, sam), lambda: _port(model))
-    bare = ("sam vs bare two passes + SGD", lambda: _sam(model, sam), lambda: _bare(model))
+    port = (PORT_ROW, lambda: _sam(model, sam), lambda: _port(model))
+    bare = (BARE_ROW, lambda: _sam(model, sam), lambda: _bare(model))
     if key == "resnet18":
         rows: list[TargetRow] = [(*port, SAM_VS_PORT), (*bare, None)]
     else:
@@ -486,12 +492,12 @@ def _run_rows(
         variant, ref = make_variant(), make_ref()
         r = _alternate(variant, ref, batches, pairs)
         del variant, ref
-        if label == STATS_ROW and not epoch and len(batches) < DEFAULT_STATS_EVERY:
+        if label in CYCLE_ROWS and not epoch and len(batches) < DEFAULT_STATS_EVERY:
             # A block measures its first step, more often than the default: the block ratio is
-            # an upper bound (information), the default's cycle is the target row.
-            line(STATS_BLOCK_ROW.format(n=len(batches)), r, None)
+            # an upper bound (information), the default's cycle is the row (and its target).
+            line(CYCLE_ROWS[label].format(label=label, n=len(batches)), r, None)
             v, ref = _cycle_costs(r["positions"], DEFAULT_STATS_EVERY)
-            line(STATS_ROW, {**r, "variant": v, "reference": ref}, target)
+            line(label, {**r, "variant": v, "reference": ref}, target)
         else:
             line(label, r, target)
     return lines
@@ -504,15 +510,15 @@ TARGET_HEADER = [
 ]
 
 
-def _resnet_rows(quick: bool, verdicts: list) -> list[str]:
-    """ResNet-18 batch 128 (32 when quick): blocks of 4 steps."""
+def _resnet_rows(quick: bool, verdicts: list, pairs: int | None = None) -> list[str]:
+    """ResNet-18 batch 128 (32 when quick): blocks of 4 steps, ``pairs`` pairs of them."""
     import torchvision
 
     torch.manual_seed(0)
     batch = 32 if quick else 128
     # A preset's rule is ~1% of a ResNet step: ten pairs, so that the minimum per position is
     # not one noisy sample (five gave sam itself 416-482 ms across rows).
-    pairs = 2 if quick else 10
+    pairs = pairs or (2 if quick else 10)
     model = torchvision.models.resnet18(num_classes=10)
     xy = (torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,)))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -550,9 +556,12 @@ def _mlp_rows(quick: bool, verdicts: list) -> list[str]:
     return out + [""]
 
 
-def targets_section(quick: bool = False, models: tuple[str, ...] = MODELS) -> str:
+def targets_section(
+    quick: bool = False, models: tuple[str, ...] = MODELS, resnet_pairs: int | None = None
+) -> str:
     """Issue 14's targets in one run, one thread: ResNet-18 batch 128 and the digits MLP batch
-    64 (``models``: a subset of ``MODELS``); every row with its target, its verdict and its
+    64 (``models``: a subset of ``MODELS``; ``resnet_pairs``: block pairs per ResNet row, for a
+    machine where its step takes seconds); every row with its target, its verdict and its
     figure before the work."""
 
     from samstudy.optim.config import DEFAULT_STATS_EVERY
@@ -567,10 +576,11 @@ def targets_section(quick: bool = False, models: tuple[str, ...] = MODELS) -> st
         "compiling included; then pairs in alternating order). A block is a few steps plus the "
         "per-epoch `read_stats`, so it starts with a measured step as an epoch does (blocks of "
         "4 steps on ResNet-18: one measured step in four, more than the default "
-        f"`stats_every: {DEFAULT_STATS_EVERY}` measures, so there the row 'statistics on one step "
-        "in 4' is an upper bound, and the default's row weighs the same blocks' positions as "
-        f"the default's cycle: position 0, the measured step, once, the mean of the other "
-        f"positions {DEFAULT_STATS_EVERY - 1} times, for variant and reference alike; an MLP "
+        f"`stats_every: {DEFAULT_STATS_EVERY}` measures, so there a row '..., statistics on one "
+        "step in 4' is an upper bound, and each row of plain `sam` at its default statistics "
+        "weighs the same blocks' positions as the default's cycle: position 0, the measured "
+        f"step, once, the mean of the other positions {DEFAULT_STATS_EVERY - 1} times, for "
+        "variant and reference alike; an MLP "
         "block is a whole epoch, measured as the default measures it). Every step is "
         "timed on its own; a side's cost is the mean over the block's positions of the fastest "
         "time at that position. Ratio: variant / reference by process CPU time (the verdict: "
@@ -580,12 +590,13 @@ def targets_section(quick: bool = False, models: tuple[str, ...] = MODELS) -> st
         "`lr = 0` keeps the work of every step identical. Preset, ascent and second-gradient "
         "rows compare with plain `sam`, both with statistics off (the rule's own cost). "
         "'before': the same rows on the code before this work (commit fbd2924, statistics "
-        "every 4th step by default), this machine.",
+        "every 4th step by default, so its blocks of 4 were its cycle), measured on "
+        f"{BEFORE_MACHINE}.",
         "",
     ]
     try:
         if "resnet18" in models:
-            out += _resnet_rows(quick, verdicts)
+            out += _resnet_rows(quick, verdicts, resnet_pairs)
         if "mlp" in models:
             out += _mlp_rows(quick, verdicts)
     finally:
@@ -660,5 +671,7 @@ if __name__ == "__main__":  # issue 14's target table alone: python -m benchmark
     parser = argparse.ArgumentParser(description="issue 14's target table (printed, not saved)")
     parser.add_argument("--only-model", action="append", choices=MODELS, help="repeatable")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--resnet-pairs", type=int, help="block pairs per ResNet row (10)")
     args = parser.parse_args()
-    print(targets_section(args.quick, tuple(args.only_model or MODELS)), flush=True)
+    models = tuple(args.only_model or MODELS)
+    print(targets_section(args.quick, models, args.resnet_pairs), flush=True)
