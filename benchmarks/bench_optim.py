@@ -374,9 +374,12 @@ def _cycle_costs(positions: list[list[float]], every: int) -> tuple[float, float
 BEFORE_MACHINE = "the 2-core AVX-512 machine of 2026-12-03 (ResNet-18 SAM step 0.36 s)"
 BEFORE: dict[str, dict[str, float]] = {
     "resnet18": {
+        # its default then: statistics every 4th step, so its blocks of 4 were its cycle
         "sam vs port-style loop": 1.015,
+        "sam vs port-style loop, statistics on one step in 4": 1.015,
         "sam vs bare two passes + SGD": 1.034,
-        STATS_ROW: 1.019,  # its default then: statistics every 4th step
+        "sam vs bare two passes + SGD, statistics on one step in 4": 1.034,
+        STATS_ROW: 1.019,
         STATS_BLOCK_ROW.format(n=4): 1.019,
         "same [1,0,0,0] vs sam, statistics off": 1.119,
         "custom_same [0.5,0,-0.5,1] vs sam, statistics off": 1.049,
@@ -518,7 +521,8 @@ def _resnet_rows(quick: bool, verdicts: list, pairs: int | None = None) -> list[
     batch = 32 if quick else 128
     # A preset's rule is ~1% of a ResNet step: ten pairs, so that the minimum per position is
     # not one noisy sample (five gave sam itself 416-482 ms across rows).
-    pairs = pairs or (2 if quick else 10)
+    if pairs is None:
+        pairs = 2 if quick else 10
     model = torchvision.models.resnet18(num_classes=10)
     xy = (torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,)))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -671,7 +675,13 @@ if __name__ == "__main__":  # issue 14's target table alone: python -m benchmark
     parser = argparse.ArgumentParser(description="issue 14's target table (printed, not saved)")
     parser.add_argument("--only-model", action="append", choices=MODELS, help="repeatable")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--resnet-pairs", type=int, help="block pairs per ResNet row (10)")
+
+    def positive(text: str) -> int:
+        if int(text) < 1:
+            raise argparse.ArgumentTypeError(f"{text}: at least 1")
+        return int(text)
+
+    parser.add_argument("--resnet-pairs", type=positive, help="block pairs per ResNet row (10)")
     args = parser.parse_args()
     models = tuple(args.only_model or MODELS)
     print(targets_section(args.quick, models, args.resnet_pairs), flush=True)

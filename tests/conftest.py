@@ -7,10 +7,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 if "PYTEST_XDIST_WORKER" in os.environ:
-    # Each pytest-xdist worker has a Ray temp folder of its own: a plain ray.init() joins the
-    # cluster named in that folder's address file, so a `ray start` of one worker's test would
-    # otherwise take in the other worker's ray.init(). A short path: Ray's sockets live there.
-    os.environ.setdefault("RAY_TMPDIR", f"/tmp/ray-{os.environ['PYTEST_XDIST_WORKER']}")
+    # Each pytest-xdist worker of this run has a Ray temp folder of its own: its session
+    # folders, the `session_latest` link and the address file a plain ray.init() would join
+    # (tests that run `ray start` give it a folder of their own as well). The controller's pid
+    # keeps two runs on one machine apart; a short path, for Ray's sockets.
+    worker = os.environ["PYTEST_XDIST_WORKER"]
+    os.environ["RAY_TMPDIR"] = f"/tmp/ray-{os.getppid()}-{worker}"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -30,8 +32,8 @@ LONGEST = (
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The longest modules first, then the other modules with end-to-end (``slow``) tests, then
     the rest; each module's own order is kept. ``--dist loadfile --no-loadscope-reorder`` hands
-    out whole modules in this order, so no worker ends the run alone on a long module while the
-    other has nothing left."""
+    out whole modules in this order, so the long ones start early and the quick ones fill in at
+    the end."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
 
     def rank(item: pytest.Item) -> tuple[int, int]:
