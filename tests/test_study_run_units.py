@@ -13,7 +13,7 @@ import pytest
 from samstudy.study import cli
 from samstudy.study.callbacks import final_status
 from samstudy.study.runner import RunnerError, run_study
-from samstudy.study.searchspace import decode_overrides, search_space
+from samstudy.study.searchspace import decode_overrides, param_space, search_space
 from samstudy.study.spec import StudySpec, study_from_mapping
 from samstudy.study.state import (
     STATE_FILE,
@@ -82,6 +82,26 @@ def test_search_space_encodes_list_choices_and_includes_int_high(tmp_path: Path)
     assert decoded["optimizer.scales"] == [0, 1, 0, 0] and decoded["batch_size"] == 32
     trial = spec.trial_from_overrides(decoded)
     assert trial.config["optimizer"]["scales"] == [0, 1, 0, 0]
+
+
+def test_a_grid_goes_to_tune_longest_trial_first(tmp_path: Path) -> None:
+    grid = {"optimizer.name": ["sgd", "sam"], "epochs": [2, 10], "seed": [0, 1]}
+    spec = grid_study(tmp_path, grid=grid)
+    order = [
+        (t["config"]["epochs"], t["config"]["optimizer"]["name"], t["config"]["seed"])
+        for t in param_space(spec, spec.expand())["trial"]["grid_search"]
+    ]
+    # plan's estimate: 10 epochs before 2, SAM's two passes before SGD's one, seeds in order
+    assert order == [
+        (10, "sam", 0),
+        (10, "sam", 1),
+        (10, "sgd", 0),
+        (10, "sgd", 1),
+        (2, "sam", 0),
+        (2, "sam", 1),
+        (2, "sgd", 0),
+        (2, "sgd", 1),
+    ]
 
 
 def test_fingerprint_follows_the_trials_not_the_description(tmp_path: Path) -> None:

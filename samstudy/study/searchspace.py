@@ -19,12 +19,30 @@ def _is_plain(value: Any) -> bool:
 
 
 def param_space(study: StudySpec, trials: Sequence[TrialSpec]) -> dict[str, Any]:
-    """Tune's ``param_space``: the grid of ``trials`` or :func:`search_space`."""
+    """Tune's ``param_space``: the grid of ``trials``, longest first, or :func:`search_space`."""
     from ray import tune
 
     if study.search is None:
-        return {"trial": tune.grid_search([t.to_dict() for t in trials])}
+        return {"trial": tune.grid_search([t.to_dict() for t in longest_first(study, trials)])}
     return search_space(study)
+
+
+def longest_first(study: StudySpec, trials: Sequence[TrialSpec]) -> list[TrialSpec]:
+    """``trials`` by ``plan``'s time estimate, longest first (ties keep the study's order).
+
+    Tune starts a grid's trials in its order as slots free up: with the long trials (a
+    WRN-28-10 beside ResNet-18s, 200 epochs beside 50) started first, the short ones fill the
+    slots at the end instead of one long trial running on alone while the others idle.
+    """
+    from samstudy.study.plan import trial_seconds
+
+    device = "gpu" if study.resources.gpus > 0 else "cpu"
+    threads = max(1, int(study.resources.cpus))
+
+    def seconds(trial: TrialSpec) -> float:
+        return trial_seconds(trial.config, device, threads=trial.config.get("threads") or threads)
+
+    return sorted(trials, key=seconds, reverse=True)
 
 
 def search_space(study: StudySpec) -> dict[str, Any]:
