@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -220,6 +221,30 @@ def test_a_driver_killed_right_after_tune_deleted_a_checkpoint_resumes(tmp_path:
     )
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
+
+
+def test_the_resume_removes_a_checkpoint_that_the_saved_state_no_longer_names(
+    tmp_path: Path,
+) -> None:
+    """A deletion held when the driver died, with Tune's state saved after it (so naming only
+    the newer checkpoint), leaves the older one behind: the resume removes it before its trials
+    start. Tune's own state, edited as that later save would have written it."""
+    study = killed_after_a_deletion(tmp_path)
+    exp = tmp_path / "ray" / "interrupted"
+    trial = next(exp.glob("*-s0"))
+    old, new = (trial / f"checkpoint_00000{i}" for i in (0, 1))
+    assert old.is_dir() and new.is_dir()
+    (state,) = exp.glob("experiment_state-*.json")
+    text = state.read_text()
+    named = [bytes.fromhex(h) for h in re.findall(r"[0-9a-f]{40,}", text) if len(h) % 2 == 0]
+    assert any(str(old).encode() in blob for blob in named)  # the held one, as Tune wrote it
+    for a, b in ((old.name, new.name), (old.name.encode().hex(), new.name.encode().hex())):
+        text = text.replace(a, b)  # same length: the pickles stay whole
+    state.write_text(text)
+
+    code, out = finish(driver(study))
+    assert code == 0 and "complete" in out, out
+    assert "removed 1 checkpoint(s) that the stopped driver left" in out, out
 
 
 def test_a_trial_whose_checkpoint_is_gone_fails_with_tunes_reason(tmp_path: Path) -> None:

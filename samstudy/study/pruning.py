@@ -15,6 +15,8 @@
   short but real (a fresh-clone CI run killed a driver in it). :meth:`CheckpointPruner.deferring`
   holds those deletions (Tune's ``_delete_fs_path`` on the driver) until the state in the
   storage no longer names the checkpoint, so a held one outlives it by up to ``CHECK_EVERY_S``.
+* What a killed driver left: a deletion it held, a finished trial it had not pruned yet.
+  Neither is Tune's to redo; :meth:`CheckpointPruner.sweep` does it before a resume.
 """
 
 from __future__ import annotations
@@ -138,6 +140,58 @@ class CheckpointPruner(Callback):
             self._deferred = [d for d in self._deferred if d[1].encode() in named]
         return pruned
 
+    def sweep(self) -> int:
+        """Before a resume, delete what a stopped driver left to delete; returns how many
+        checkpoints went. Per trial folder: with ``finished``, every checkpoint of a trial the
+        newest saved state records as finished; else those the state no longer names that are
+        older than one it names (deletions held when the driver died). A folder where the state
+        names no checkpoint is left alone: nothing there shows how it writes its paths. Any
+        error leaves the rest as it is (logged): nothing here is needed to resume."""
+        try:
+            return self._sweep()
+        except Exception:  # noqa: BLE001 - a storage hiccup must not stop the resume
+            logger.warning("could not look for checkpoints a stopped driver left", exc_info=True)
+            return 0
+
+    def _sweep(self) -> int:
+        import pyarrow.fs
+
+        latest = self._latest_state()
+        text = self.files.read_text(latest[0]) if latest else None
+        if text is None:
+            return 0
+        try:
+            trial_data = json.loads(text).get("trial_data", [])
+        except ValueError:  # cut short (a full disk): it names nothing for sure
+            return 0
+        finished = set()
+        for trial_json, _ in trial_data if self.finished else []:
+            record = json.loads(trial_json)
+            if record.get("status") == "TERMINATED" and record.get("relative_logdir"):
+                finished.add(record["relative_logdir"])
+        named = _named(text)
+        removed = 0
+        fs = self.files.fs
+        for folder in fs.get_file_info(pyarrow.fs.FileSelector(self.files.base)):
+            if folder.type != pyarrow.fs.FileType.Directory:
+                continue
+            inside = pyarrow.fs.FileSelector(folder.path, allow_not_found=True)
+            checkpoints = sorted(
+                entry.path
+                for entry in fs.get_file_info(inside)
+                if entry.type == pyarrow.fs.FileType.Directory
+                and entry.base_name.startswith("checkpoint_")
+            )  # Tune's names carry a zero-padded index: sorted is oldest first
+            kept = [path for path in checkpoints if path.encode() in named]
+            if folder.base_name in finished:
+                doomed = checkpoints
+            elif kept:
+                doomed = [p for p in checkpoints[: checkpoints.index(kept[-1])] if p not in kept]
+            else:
+                doomed = []
+            removed += sum(_quietly(_delete, fs, path) for path in doomed)
+        return removed
+
     def _start(self, delete: Callable[..., None], *args: Any) -> None:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="samstudy-prune")
@@ -165,12 +219,15 @@ def _named(text: str) -> bytes:
     return b"\0".join([text.encode(), *blobs])
 
 
-def _quietly(delete: Callable[..., None], *args: Any) -> None:
-    """A deletion that fails leaves a checkpoint behind, nothing worse: logged, not raised."""
+def _quietly(delete: Callable[..., None], *args: Any) -> bool:
+    """A deletion that fails leaves a checkpoint behind, nothing worse: logged, not raised.
+    Returns whether it went."""
     try:
         delete(*args)
     except Exception:  # noqa: BLE001 - the study goes on either way
         logger.warning("could not delete old checkpoints %s", args[-1], exc_info=True)
+        return False
+    return True
 
 
 def _delete(fs: Any, path: str) -> None:

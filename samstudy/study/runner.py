@@ -332,6 +332,13 @@ def run_study(
                         again = False
                         todo = pending if study.search is None else todo
                     pruner = CheckpointPruner(at.files, finished=not keep_final)
+                    if again and (swept := pruner.sweep()):
+                        print(
+                            f"removed {swept} checkpoint(s) that the stopped driver left and "
+                            "no trial needs",
+                            file=out,
+                            flush=True,
+                        )
                     # Experiments of this version hold their JSON logger in the run config, so
                     # a restore too runs without Tune's default loggers (older ones keep them).
                     switches = tune_switches(again and not state.get("own_loggers"))
