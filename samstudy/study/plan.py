@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -187,6 +187,16 @@ def _local_concurrency(spec: StudySpec) -> int:
     return min(slots, spec.max_concurrent) if spec.max_concurrent else slots
 
 
+def study_trial_seconds(spec: StudySpec, trials: Sequence[TrialSpec]) -> list[float]:
+    """:func:`trial_seconds` of each of ``trials`` on the study's device (a GPU when its trials
+    ask for one) and with its threads (a trial's own ``threads``, else its CPUs)."""
+    device = "gpu" if spec.resources.gpus > 0 else "cpu"
+    threads = max(1, int(spec.resources.cpus))
+    return [
+        trial_seconds(t.config, device, threads=t.config.get("threads") or threads) for t in trials
+    ]
+
+
 def estimate_cost(spec: StudySpec) -> CostEstimate:
     """Estimated cost of a study: all trials of a grid, or ``num_samples`` base-like trials.
 
@@ -195,10 +205,7 @@ def estimate_cost(spec: StudySpec) -> CostEstimate:
     """
     device = "gpu" if spec.resources.gpus > 0 else "cpu"
     trials = spec.expand()
-    threads = max(1, int(spec.resources.cpus))
-    seconds = [
-        trial_seconds(t.config, device, threads=t.config.get("threads") or threads) for t in trials
-    ]
+    seconds = study_trial_seconds(spec, trials)
     count = len(trials)
     if spec.search is not None:
         count = spec.search.num_samples

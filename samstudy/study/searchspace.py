@@ -34,15 +34,11 @@ def longest_first(study: StudySpec, trials: Sequence[TrialSpec]) -> list[TrialSp
     WRN-28-10 beside ResNet-18s, 200 epochs beside 50) started first, the short ones fill the
     slots at the end instead of one long trial running on alone while the others idle.
     """
-    from samstudy.study.plan import trial_seconds
+    from samstudy.study.plan import study_trial_seconds
 
-    device = "gpu" if study.resources.gpus > 0 else "cpu"
-    threads = max(1, int(study.resources.cpus))
-
-    def seconds(trial: TrialSpec) -> float:
-        return trial_seconds(trial.config, device, threads=trial.config.get("threads") or threads)
-
-    return sorted(trials, key=seconds, reverse=True)
+    seconds = study_trial_seconds(study, trials)
+    order = sorted(range(len(trials)), key=lambda i: seconds[i], reverse=True)
+    return [trials[i] for i in order]
 
 
 def search_space(study: StudySpec) -> dict[str, Any]:
