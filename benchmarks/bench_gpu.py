@@ -58,7 +58,9 @@ class Sizes:
     epochs: int = 1  # epochs' worth of timed steps per optimizer and matrix row
     matrix_blocks: int = 4  # ... split into this many interleaved (SGD block, SAM block) pairs
     preset_steps: int = 40  # steps per timed block in the preset comparison
-    preset_pairs: int = 3  # interleaved (preset block, SAM block) pairs per preset
+    # interleaved (preset block, SAM block) pairs per preset; even, so each side goes first
+    # equally often
+    preset_pairs: int = 4
     share_epochs: int = 1  # epochs each trial trains in the sharing part
     share_counts: tuple[int, ...] = (1, 2, 4)
     precisions: tuple[str, ...] = ("fp32", "bf16")
