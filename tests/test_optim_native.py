@@ -309,3 +309,104 @@ def test_native_sgd_leaves_large_tensors_to_torch_on_many_threads():
         assert native.sgd_step(torch.optim.SGD(large, lr=0.1))
     finally:
         torch.set_num_threads(threads)
+
+
+# -- the rule and the SGD step in one loop -----------------------------------------------------
+
+
+class _Tied(torch.nn.Module):
+    """The digits MLP (float64 where asked) plus a parameter that gets no gradient on the
+    steps where ``skip`` is set (``used`` is then a mask, and that parameter takes no step)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.mlp = create_model("mlp", num_classes=10, in_shape=(1, 8, 8), width=37).to(dtype)
+        self.extra = torch.nn.Parameter(torch.ones(10, dtype=dtype))
+        self.skip = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(x)
+        return out if self.skip else out * self.extra
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("settings", SGD_SETTINGS, ids=lambda s: "-".join(map(str, s.values())))
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"name": "same", "scales": [1, 0, 0, 0]},
+        {"name": "sgd_where_agree"},
+        {"name": "table", "coefficients": [[1, 0.5], [2, 1], [0.5, -1], [-1, 2]]},
+        {"name": "saner", "alpha": 0.25, "m": 8},
+    ],
+    ids=lambda k: k["name"],
+)
+def test_rule_and_sgd_in_one_loop_equal_the_two_loops(knobs, settings, dtype):
+    """Steps that measure nothing take d and the SGD step in one C loop per tensor: weights and
+    momentum buffers equal those of the rule's loop followed by the SGD loop, bit for bit, over
+    eight steps (measured ones among them, an lr change, a parameter without a gradient)."""
+    gen = torch.Generator().manual_seed(5)
+    batches = [
+        (torch.randn(16, 1, 8, 8, generator=gen, dtype=dtype),
+         torch.randint(0, 10, (16,), generator=gen))
+        for _ in range(8)
+    ]  # fmt: skip
+    runs, fused_steps = [], []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = _Tied(dtype)
+        knob = {k: v for k, v in settings.items() if k not in ("maximize", "foreach")}
+        opt = create_optimizer(model.named_parameters(), rho=0.2, stats_every=3,
+                               **{**knob, **knobs})  # fmt: skip
+        for group in opt.param_groups:  # what the factory does not take: set as torch reads it
+            group.update({k: v for k, v in settings.items() if k not in knob})
+        if not fused:
+            opt._rule_and_step = lambda *args: False
+        steps = 0
+        for i, (x, y) in enumerate(batches):
+            model.skip = i == 4
+            if i == 6:
+                opt.param_groups[0]["lr"] *= 0.5
+            before = opt._steps
+            with torch.no_grad():
+                probe = opt._measuring()
+            opt.train_step(model, LOSS, x, y)
+            assert opt._steps == before + 1
+            steps += not probe
+        fused_steps.append(steps)
+        state = [opt.state[p].get("momentum_buffer") for p in model.parameters()]
+        runs.append(([p.detach().clone() for p in model.parameters()], state))
+    (w_f, s_f), (w_t, s_t) = runs
+    assert fused_steps[0] >= 5  # most steps measured nothing: the one loop ran
+    assert all(torch.equal(a, b) for a, b in zip(w_f, w_t, strict=True))
+    for a, b in zip(s_f, s_t, strict=True):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+def test_rule_and_sgd_in_one_loop_runs_where_it_applies(monkeypatch):
+    """The one loop takes the step of a preset on CPU with torch's SGD on a step that measures
+    nothing; a measured step, plain sam and another base optimizer keep the two steps."""
+    calls: list[bool] = []
+    real = native.sgd_step
+
+    def spy(opt, rule=None, firsts=None):
+        done = real(opt, rule, firsts)
+        calls.append(rule is not None and done)
+        return done
+
+    monkeypatch.setattr(native, "sgd_step", spy)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+
+    def run(**knobs) -> list[bool]:
+        calls.clear()
+        model = create_model("mlp", num_classes=10, in_shape=(1, 8, 8), width=16)
+        base = {"momentum": 0.9} if knobs.get("base", "sgd") == "sgd" else {}
+        opt = create_optimizer(model.named_parameters(), lr=0.1, rho=0.1, **base, **knobs)
+        for _ in range(2):  # the first step measures (the default statistics), the second not
+            opt.train_step(model, LOSS, x, y)
+        return list(calls)
+
+    assert run(name="same", scales=[1, 0, 0, 0]) == [False, True]
+    assert run(name="same", scales=[1, 0, 0, 0], stats=False) == [True, True]
+    assert run(name="sam", stats=False) == [False, False]  # no rule: the SGD loop alone
+    assert not any(run(name="same", scales=[1, 0, 0, 0], stats=False, base="adamw"))

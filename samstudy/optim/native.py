@@ -49,46 +49,50 @@ _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 
-/* The region's coefficients by nested masks (ckpt1 inside gt0, ckpt3 inside le0), one select
-   each: flat selects vectorise, a chain of ternaries would not. */
-#define SELECT(T)                                                                            \
-    T a = A0, b = B0;                                                                        \
-    a = le0 ? A4 : a; b = le0 ? B4 : b;                                                      \
-    a = le ? A3 : a;  b = le ? B3 : b;                                                       \
-    a = gt0 ? A2 : a; b = gt0 ? B2 : b;                                                      \
-    a = ge ? A1 : a;  b = ge ? B1 : b;
+/* The table's coefficients by region as locals (index 0: the zero set): loaded once, before a
+   loop whose stores the compiler could not otherwise tell apart from A and B. */
+#define COEFS(T)                                                                             \
+    const T A1 = A[1], A2 = A[2], A3 = A[3], A4 = A[4], A0 = A[0];                          \
+    const T B1 = B[1], B2 = B[2], B3 = B[3], B4 = B[4], B0 = B[0];
+
+/* Coordinate i's h = g_p * (g / |g|) and its four threshold tests (NaN where g = 0: none). */
+#define MASKS(T, ABS)                                                                        \
+    const T gi = g[i], pi = gp[i];                                                           \
+    const T ag = ABS(gi);                                                                    \
+    const T h = pi * (gi / ag);                                                              \
+    const int ge = h >= ag, gt0 = h > 0, le = -h >= ag, le0 = h <= 0;
+
+/* d of coordinate i into OUT. The region's coefficients by nested masks (ckpt1 inside gt0,
+   ckpt3 inside le0), one select each: flat selects vectorise, a chain of ternaries would not. */
+#define D_OF(T, OUT)                                                                         \
+    {                                                                                        \
+        T a = A0, b = B0;                                                                    \
+        a = le0 ? A4 : a; b = le0 ? B4 : b;                                                  \
+        a = le ? A3 : a;  b = le ? B3 : b;                                                   \
+        a = gt0 ? A2 : a; b = gt0 ? B2 : b;                                                  \
+        a = ge ? A1 : a;  b = ge ? B1 : b;                                                   \
+        OUT = (pi + a * pi) + b * gi;                                                        \
+    }
 
 /* One loop per (dtype, want d, measure): the branches stay outside the loops, which the
-   compiler vectorises (selects, no jumps). A[0..4], B[0..4]: the coefficients by region, index 0
-   the zero set. With ``counts`` ([gt0, ge, le0, le]) the loop also counts, and adds
-   [<g, g_p>, <g_p, g_p>] to ``dots``. */
+   compiler vectorises (selects, no jumps). With ``counts`` ([gt0, ge, le0, le]) the loop also
+   counts, and adds [<g, g_p>, <g_p, g_p>] to ``dots``. */
 #define RULE(T, NAME, ABS)                                                                    \
 void NAME(const T *g, const T *gp, T *d, int64_t n, const T *A, const T *B,                 \
           int64_t *counts, double *dots) {                                                   \
-    const T A1 = A[1], A2 = A[2], A3 = A[3], A4 = A[4], A0 = A[0];                          \
-    const T B1 = B[1], B2 = B[2], B3 = B[3], B4 = B[4], B0 = B[0];                          \
+    COEFS(T)                                                                                 \
     if (counts == 0) {                                                                       \
         for (int64_t i = 0; i < n; i++) {                                                    \
-            const T gi = g[i], pi = gp[i];                                                   \
-            const T ag = ABS(gi);                                                            \
-            const T h = pi * (gi / ag);                                                      \
-            const int ge = h >= ag, gt0 = h > 0, le = -h >= ag, le0 = h <= 0;                \
-            SELECT(T)                                                                        \
-            d[i] = (pi + a * pi) + b * gi;                                                   \
+            MASKS(T, ABS)                                                                    \
+            D_OF(T, d[i])                                                                    \
         }                                                                                    \
         return;                                                                              \
     }                                                                                        \
     int64_t c_gt0 = 0, c_ge = 0, c_le0 = 0, c_le = 0;                                        \
     for (int64_t i = 0; i < n; i++) {                                                        \
-        const T gi = g[i], pi = gp[i];                                                       \
-        const T ag = ABS(gi);                                                                \
-        const T h = pi * (gi / ag);                                                          \
-        const int ge = h >= ag, gt0 = h > 0, le = -h >= ag, le0 = h <= 0;                    \
+        MASKS(T, ABS)                                                                        \
         c_gt0 += gt0; c_ge += ge; c_le0 += le0; c_le += le;                                  \
-        if (d) {                                                                             \
-            SELECT(T)                                                                        \
-            d[i] = (pi + a * pi) + b * gi;                                                   \
-        }                                                                                    \
+        if (d) D_OF(T, d[i])                                                                 \
     }                                                                                        \
     counts[0] += c_gt0; counts[1] += c_ge; counts[2] += c_le0; counts[3] += c_le;            \
     /* <g, g_p> and <g_p, g_p> in double (float products are exact there), 8 partial sums */ \
@@ -111,47 +115,74 @@ void NAME(const T *g, const T *gp, T *d, int64_t n, const T *A, const T *B,     
 RULE(float, samstudy_rule_f32, fabsf)
 RULE(double, samstudy_rule_f64, fabs)
 
-/* torch's single-tensor SGD step on one tensor in one pass (it makes four), with its roundings:
-   on the CPU, torch's add with alpha (x + alpha * y) rounds once, as FMA does, and a product
-   with a Scalar rounds on its own. flags: 1 weight decay, 2 momentum, 4 first step (buf is
-   written, not read), 8 nesterov, 16 maximize. The loop is compiled once per combination of
-   flags (the switch below), each without a test in its body: with the tests inside, GCC keeps
-   the loop scalar ("control flow in loop"), 4-5x slower than its vectorised form. */
-#define SGD_LOOP(T, NAME, FMA)                                                               \
-static inline __attribute__((always_inline)) void NAME##_loop(                               \
-        T *p, const T *g, T *buf, int64_t n, T wd, T m, T damp1, T neg_lr, const int has_wd,  \
-        const int has_m, const int first, const int nest, const int maxi) {                  \
-    for (int64_t i = 0; i < n; i++) {                                                        \
-        T gi = maxi ? -g[i] : g[i];                                                          \
-        if (has_wd) gi = FMA(p[i], wd, gi);              /* grad.add(param, alpha=wd) */     \
+/* torch's single-tensor SGD step on coordinate i of one tensor, gradient GRAD, with its
+   roundings: on the CPU, torch's add with alpha (x + alpha * y) rounds once, as FMA does, and
+   a product with a Scalar rounds on its own. torch makes four passes for it. */
+#define SGD_UPDATE(T, FMA, GRAD)                                                             \
+    {                                                                                        \
+        T s = maxi ? -(GRAD) : (GRAD);                                                       \
+        if (has_wd) s = FMA(p[i], wd, s);                /* grad.add(param, alpha=wd) */     \
         if (has_m) {                                                                         \
-            T b;                                                                             \
-            if (first) b = gi;                           /* buf = grad.clone() */            \
-            else { const T t = buf[i] * m; b = FMA(gi, damp1, t); } /* mul_, add_ */         \
-            buf[i] = b;                                                                      \
-            gi = nest ? FMA(b, m, gi) : b;               /* grad.add(buf, alpha=m) */        \
+            T mb;                                                                            \
+            if (first) mb = s;                           /* buf = grad.clone() */            \
+            else { const T t = buf[i] * m; mb = FMA(s, damp1, t); } /* mul_, add_ */         \
+            buf[i] = mb;                                                                     \
+            s = nest ? FMA(mb, m, s) : mb;               /* grad.add(buf, alpha=m) */        \
         }                                                                                    \
-        p[i] = FMA(gi, neg_lr, p[i]);                    /* param.add_(grad, alpha=-lr) */   \
-    }                                                                                        \
-}
+        p[i] = FMA(s, neg_lr, p[i]);                     /* param.add_(grad, alpha=-lr) */   \
+    }
 
-#define SGD_CASE(NAME, k)                                                                    \
-    case k: NAME##_loop(p, g, buf, n, wd, m, damp1, neg_lr, (k) & 1, (k) & 2, (k) & 4,       \
-                        (k) & 8, (k) & 16); return;
-#define SGD_CASES4(NAME, k) SGD_CASE(NAME, k) SGD_CASE(NAME, k + 1) SGD_CASE(NAME, k + 2)    \
-    SGD_CASE(NAME, k + 3)
-
-#define SGD(T, NAME, FMA)                                                                    \
-SGD_LOOP(T, NAME, FMA)                                                                       \
-void NAME(T *p, const T *g, T *buf, int64_t n, T wd, T m, T damp1, T neg_lr, int flags) {   \
+/* flags: 1 weight decay, 2 momentum, 4 first step (buf is written, not read), 8 nesterov,
+   16 maximize. A loop is compiled once per combination of flags (the switch), each without a
+   test in its body: with the tests inside, GCC keeps the loop scalar ("control flow in
+   loop"), 4-5x slower than its vectorised form. */
+#define SGD_FLAGS const int has_wd, const int has_m, const int first, const int nest, const int maxi
+#define SGD_CASE(NAME, k, ...)                                                               \
+    case k: NAME##_loop(__VA_ARGS__, (k) & 1, (k) & 2, (k) & 4, (k) & 8, (k) & 16); return;
+#define SGD_CASES4(NAME, k, ...) SGD_CASE(NAME, k, __VA_ARGS__) SGD_CASE(NAME, k + 1, __VA_ARGS__) \
+    SGD_CASE(NAME, k + 2, __VA_ARGS__) SGD_CASE(NAME, k + 3, __VA_ARGS__)
+#define SGD_SWITCH(NAME, ...)                                                                \
     switch (flags) {                                                                         \
-        SGD_CASES4(NAME, 0) SGD_CASES4(NAME, 4) SGD_CASES4(NAME, 8) SGD_CASES4(NAME, 12)     \
-        SGD_CASES4(NAME, 16) SGD_CASES4(NAME, 20) SGD_CASES4(NAME, 24) SGD_CASES4(NAME, 28)  \
-    }                                                                                        \
+        SGD_CASES4(NAME, 0, __VA_ARGS__) SGD_CASES4(NAME, 4, __VA_ARGS__)                    \
+        SGD_CASES4(NAME, 8, __VA_ARGS__) SGD_CASES4(NAME, 12, __VA_ARGS__)                   \
+        SGD_CASES4(NAME, 16, __VA_ARGS__) SGD_CASES4(NAME, 20, __VA_ARGS__)                  \
+        SGD_CASES4(NAME, 24, __VA_ARGS__) SGD_CASES4(NAME, 28, __VA_ARGS__)                  \
+    }
+#define INLINE static inline __attribute__((always_inline)) void
+
+/* The SGD step on gradient g. */
+#define SGD(T, NAME, FMA)                                                                    \
+INLINE NAME##_loop(T *p, const T *g, T *buf, int64_t n, T wd, T m, T damp1, T neg_lr,       \
+                   SGD_FLAGS) {                                                              \
+    for (int64_t i = 0; i < n; i++) SGD_UPDATE(T, FMA, g[i])                                 \
+}                                                                                            \
+void NAME(T *p, const T *g, T *buf, int64_t n, T wd, T m, T damp1, T neg_lr, int flags) {   \
+    SGD_SWITCH(NAME, p, g, buf, n, wd, m, damp1, neg_lr)                                     \
 }
 
 SGD(float, samstudy_sgd_f32, fmaf)
 SGD(double, samstudy_sgd_f64, fma)
+
+/* The rule and the SGD step in one pass: the SGD step on the d of (g, g_p), which stays in a
+   register (the same macros as the two loops above, so the same values bit for bit). */
+#define RULE_SGD(T, NAME, FMA, ABS)                                                          \
+INLINE NAME##_loop(T *p, const T *g, const T *gp, const T *A, const T *B, T *buf,           \
+                   int64_t n, T wd, T m, T damp1, T neg_lr, SGD_FLAGS) {                     \
+    COEFS(T)                                                                                 \
+    for (int64_t i = 0; i < n; i++) {                                                        \
+        MASKS(T, ABS)                                                                        \
+        T di;                                                                                \
+        D_OF(T, di)                                                                          \
+        SGD_UPDATE(T, FMA, di)                                                               \
+    }                                                                                        \
+}                                                                                            \
+void NAME(T *p, const T *g, const T *gp, const T *A, const T *B, T *buf, int64_t n, T wd,    \
+          T m, T damp1, T neg_lr, int flags) {                                               \
+    SGD_SWITCH(NAME, p, g, gp, A, B, buf, n, wd, m, damp1, neg_lr)                           \
+}
+
+RULE_SGD(float, samstudy_rule_sgd_f32, fmaf, fabsf)
+RULE_SGD(double, samstudy_rule_sgd_f64, fma, fabs)
 """
 
 # -ffp-contract=off: no fused multiply-adds but the explicit fma() calls (they would round d
@@ -160,6 +191,7 @@ SGD(double, samstudy_sgd_f64, fma)
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared")
 _SYMBOLS = {torch.float32: "samstudy_rule_f32", torch.float64: "samstudy_rule_f64"}
 _SGD_SYMBOLS = {torch.float32: "samstudy_sgd_f32", torch.float64: "samstudy_sgd_f64"}
+_RULE_SGD_SYMBOLS = {torch.float32: "samstudy_rule_sgd_f32", torch.float64: "samstudy_rule_sgd_f64"}
 DTYPES = tuple(_SYMBOLS)
 _C_TYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 
@@ -212,6 +244,14 @@ def library() -> ctypes.CDLL | None:
             fn = getattr(lib, symbol)
             scalar = _C_TYPES[dtype]
             fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [scalar] * 4 + [ctypes.c_int]
+            fn.restype = None
+        for dtype, symbol in _RULE_SGD_SYMBOLS.items():
+            fn = getattr(lib, symbol)
+            scalar, ptr = _C_TYPES[dtype], ctypes.POINTER(_C_TYPES[dtype])
+            fn.argtypes = (
+                [ctypes.c_void_p] * 3 + [ptr, ptr, ctypes.c_void_p, ctypes.c_int64]
+                + [scalar] * 4 + [ctypes.c_int]
+            )  # fmt: skip
             fn.restype = None
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         warnings.warn(
@@ -269,6 +309,10 @@ class NativeRule:
             coef_a, coef_b = (ctype * 5)(*a_minus_1), (ctype * 5)(*b)
             self._fns[dtype] = (getattr(lib, symbol), coef_a, coef_b)
 
+    def coefficients(self, dtype: torch.dtype) -> tuple[ctypes.Array, ctypes.Array]:
+        """The C arrays of A_k and B_k (index 0: the zero set) for tensors of ``dtype``."""
+        return self._fns[dtype][1:]
+
     @staticmethod
     def supports(tensors: list[torch.Tensor]) -> bool:
         return all(
@@ -311,9 +355,16 @@ _TORCH_GRAIN = 32768
 _SGD_MAX_THREADS = 2
 
 
-def sgd_step(opt: torch.optim.Optimizer) -> bool:
+def sgd_step(
+    opt: torch.optim.Optimizer,
+    rule: NativeRule | None = None,
+    firsts: dict[int, torch.Tensor] | None = None,
+) -> bool:
     """``opt.step()`` of a torch SGD on contiguous CPU tensors, one C loop per tensor; False
     (nothing done) where that does not apply, for ``opt.step()`` to do it.
+
+    With ``rule``, each parameter's ``.grad`` is its g_p and ``firsts[id(p)]`` its g: the step
+    is taken on the rule's d of the two, in the same loop (d is never written to memory).
 
     The result is torch's single-tensor SGD bit for bit (checked against torch once per process
     before first use), in a third to a half of its time: one pass over the tensors instead of four, and
@@ -355,6 +406,17 @@ def sgd_step(opt: torch.optim.Optimizer) -> bool:
                 and (limit is None or p.numel() < limit)
             ):
                 return False
+            first = None
+            if rule is not None:
+                first = firsts.get(id(p)) if firsts is not None else None
+                if not (
+                    first is not None
+                    and first.dtype == p.dtype
+                    and first.device.type == "cpu"
+                    and first.is_contiguous()
+                    and first.shape == p.shape
+                ):
+                    return False
             # torch's SGD keeps state only with momentum (a state_dict stays torch's)
             state = opt.state[p] if group["momentum"] != 0 else {}
             buf = state.get("momentum_buffer")
@@ -365,13 +427,13 @@ def sgd_step(opt: torch.optim.Optimizer) -> bool:
                 and buf.is_contiguous()
             ):
                 return False
-            work.append((group, state, p, g, buf))
-    for group, state, p, g, buf in work:
-        _sgd_tensor(lib, group, state, p, g, buf)
+            work.append((group, state, p, g, buf, first))
+    for group, state, p, g, buf, first in work:
+        _sgd_tensor(lib, group, state, p, g, buf, rule, first)
     return True
 
 
-def _sgd_tensor(lib, group, state, p, g, buf) -> None:  # noqa: ANN001 - the hot path
+def _sgd_tensor(lib, group, state, p, g, buf, rule=None, first=None) -> None:  # noqa: ANN001
     momentum = group["momentum"]
     flags = (1 if group["weight_decay"] != 0 else 0) | (16 if group["maximize"] else 0)
     if momentum != 0:
@@ -379,17 +441,16 @@ def _sgd_tensor(lib, group, state, p, g, buf) -> None:  # noqa: ANN001 - the hot
         if buf is None:
             buf = state["momentum_buffer"] = torch.empty_like(p)
             flags |= 4
-    getattr(lib, _SGD_SYMBOLS[p.dtype])(
-        p.data_ptr(),
-        g.data_ptr(),
-        buf.data_ptr() if buf is not None else None,
-        p.numel(),
-        group["weight_decay"],
-        momentum,
-        1 - group["dampening"],
-        -group["lr"],
-        flags,
-    )
+    hyper = (group["weight_decay"], momentum, 1 - group["dampening"], -group["lr"], flags)
+    buf_ptr = buf.data_ptr() if buf is not None else None
+    if rule is None:
+        fn = getattr(lib, _SGD_SYMBOLS[p.dtype])
+        fn(p.data_ptr(), g.data_ptr(), buf_ptr, p.numel(), *hyper)
+    else:  # g is g_p, first is g
+        fn = getattr(lib, _RULE_SGD_SYMBOLS[p.dtype])
+        coef_a, coef_b = rule.coefficients(p.dtype)
+        fn(p.data_ptr(), first.data_ptr(), g.data_ptr(), coef_a, coef_b, buf_ptr, p.numel(),
+           *hyper)  # fmt: skip
     torch.autograd.graph.increment_version(p if buf is None else [p, buf])
 
 

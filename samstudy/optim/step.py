@@ -263,23 +263,45 @@ class SamOptimizer(torch.optim.Optimizer):
         if len(chunks) > 1:
             gnorm = None  # the ascent's norm was a micro-batch's, not the step's
         with torch.no_grad():
-            if keep_g:
-                d = self._combine_and_measure(g_acc, gp_acc, used, gnorm, enorms, measure)
-            else:
-                d = gp_acc
-            if used is _ALL_USED:
-                for p, dp in zip(params, d, strict=True):
-                    p.grad = dp
-            else:
-                for p, dp, u in zip(params, d, used, strict=True):
-                    p.grad = dp if u else None
-        self._base_step()
+            stepped = keep_g and not measure and self._rule_and_step(g_acc, gp_acc, used, params)
+            if not stepped:
+                if keep_g:
+                    d = self._combine_and_measure(g_acc, gp_acc, used, gnorm, enorms, measure)
+                else:
+                    d = gp_acc
+                self._set_grads(params, d, used)
+        if not stepped:
+            self._base_step()
         self._clear_grads()
         if len(chunks) == 1:
             return losses[0], logits_all[0]
         weights = [x.shape[0] / n for x, _ in chunks]
         loss = sum(w * v for w, v in zip(weights, losses, strict=True))
         return loss, torch.cat(logits_all)
+
+    @staticmethod
+    def _set_grads(params: list[torch.Tensor], d: list[torch.Tensor], used) -> None:
+        if used is _ALL_USED:
+            for p, dp in zip(params, d, strict=True):
+                p.grad = dp
+        else:
+            for p, dp, u in zip(params, d, used, strict=True):
+                p.grad = dp if u else None
+
+    def _rule_and_step(self, g, gp, used, params) -> bool:
+        """The rule and torch's SGD step in one C loop per tensor (``native.sgd_step`` with the
+        rule), d never written: on CPU tensors, with the C rule, a step measuring nothing. False
+        (nothing done) where that does not apply."""
+        if self.rule.identity or self._flat_path(self._on_cpu):
+            return False
+        if any(self.rule.compiled_for(part.space) for part in self._spaces):
+            return False
+        rule = self.rule._native_for(g, gp)
+        if rule is None:
+            return False
+        self._set_grads(params, gp, used)  # sgd_step reads g_p as .grad, g from firsts
+        firsts = {id(p): gi for p, gi in zip(params, g, strict=True)}
+        return native.sgd_step(self.base_optimizer, rule, firsts)
 
     def _base_step(self) -> None:
         """The base optimizer's step: torch's SGD on CPU tensors as one C loop per tensor
