@@ -2,6 +2,7 @@
 ``make test`` needs to run the suite on two pytest-xdist workers (``-n 2 --dist loadfile``)."""
 
 import os
+import shutil
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -42,3 +43,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return (1 if item.path in slow else 2), 0
 
     items.sort(key=rank)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish() -> None:
+    """A worker's Ray temp folder goes when its run ends (about 10 MB each): trylast, after the
+    session fixtures have stopped the clusters that wrote there."""
+    folder = os.environ.get("RAY_TMPDIR", "")
+    if "PYTEST_XDIST_WORKER" in os.environ and folder.startswith("/tmp/ray-"):
+        shutil.rmtree(folder, ignore_errors=True)
