@@ -389,12 +389,16 @@ def test_bfloat16_parameters(flat_sources):
     assert 0.0 < stats["grad_cos"] <= 1.0 + 1e-6 and stats["grad_norm_p"] > 0
 
 
-def bf16():
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+def bf16(device_type: str = "cpu"):
+    return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
-def ref_gp_bf16(model, x, y, mode: str):
+def ref_gp_bf16(model, x, y, mode: str, device_type: str = "cpu"):
     """``ref_gp`` with every forward in a bf16 autocast context of its own (fresh casts)."""
+
+    def bf16() -> torch.autocast:
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+
     with bf16():
         g = grads(model, x, y)
     other = perturbed(model, sam_e(g))
@@ -435,6 +439,30 @@ def test_second_pass_under_autocast_sees_the_perturbed_weights(name, mode, flat_
                                second_grad=mode, **knobs)  # fmt: skip
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16 autocast on a GPU)")
+@pytest.mark.parametrize("name", ["sam", "saner"])
+def test_second_pass_under_cuda_autocast_sees_the_perturbed_weights(name):
+    # The CPU test above with a GPU's autocast, on a wider MLP: bf16 rounds the two ways of
+    # forming w + e differently, so the step is held to a tenth of its distance from the stale
+    # step (the second pass at w), not to float32 accuracy.
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).to(device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(32, 64, generator=gen, device=device)
+    y = torch.randint(0, 10, (32,), generator=gen, device=device)
+    knobs = PRESETS[name].example
+    table = preset_table(name, **knobs)
+    g, gp = ref_gp_bf16(copy.deepcopy(model), x, y, "full", device_type="cuda")
+    want = [ref_rule(table, a, b) for a, b in zip(g, gp, strict=True)]
+    stale = [ref_rule(table, a, a) for a in g]
+    with bf16("cuda"):
+        got, _ = delta_of_step(model, x, y, name=name, **knobs)
+    err = max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True))
+    gap = max(float((a - b).abs().max()) for a, b in zip(want, stale, strict=True))
+    assert err < gap / 10, (err, gap)
 
 
 def conv_net() -> nn.Module:
