@@ -151,7 +151,7 @@ class RegionRule:
                     return D, None, None
                 return D, space.segment_counts(blocks, "blocks"), dots.double()
         if isinstance(G, list):
-            rule = self._native_for(G, P)
+            rule = self.native_for(G, P)
             if rule is not None:
                 return (D, *_native_combine(rule, space, G, P, D, measure))
             return (D, *self._chunked(space, G, P, D, measure))
@@ -165,7 +165,7 @@ class RegionRule:
         dots = torch.stack([torch.dot(G32, P32), torch.dot(P32, P32)]).double()
         return D, space.segment_counts(blocks, "blocks"), dots
 
-    def _native_for(self, G: list, P: list) -> native.NativeRule | None:
+    def native_for(self, G: list, P: list) -> native.NativeRule | None:
         """The C loop for these tensors, or None (switched off, unbuildable, unsupported)."""
         if not self.native or not native.NativeRule.supports(G + P):
             return None
