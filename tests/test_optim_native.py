@@ -314,7 +314,7 @@ def test_native_sgd_leaves_large_tensors_to_torch_on_many_threads():
 # -- the rule and the SGD step in one loop -----------------------------------------------------
 
 
-class _Tied(torch.nn.Module):
+class _MlpAndIdleParam(torch.nn.Module):
     """The digits MLP (float64 where asked) plus a parameter that gets no gradient on the
     steps where ``skip`` is set (``used`` is then a mask, and that parameter takes no step)."""
 
@@ -354,7 +354,7 @@ def test_rule_and_sgd_in_one_loop_equal_the_two_loops(knobs, settings, dtype):
     runs, fused_steps = [], []
     for fused in (True, False):
         torch.manual_seed(0)
-        model = _Tied(dtype)
+        model = _MlpAndIdleParam(dtype)
         knob = {k: v for k, v in settings.items() if k not in ("maximize", "foreach")}
         opt = create_optimizer(model.named_parameters(), rho=0.2, stats_every=3,
                                **{**knob, **knobs})  # fmt: skip

@@ -1,7 +1,7 @@
 """The region rule and the SGD step as one C loop per parameter tensor: the CPU path.
 
-Long because the C source of both loops lives here, beside the ctypes bindings and the checks
-against torch that must match it line for line.
+Long because the C source of its three loops (the rule, the SGD step, both in one) lives here,
+beside the ctypes bindings and the checks against torch that must match it line for line.
 
 The eager rule (``rules._Masks``) is a dozen elementwise passes; on a 0.3M-parameter MLP each
 pass costs about 1% of a SAM step, so a preset cost 13-50% on top of SAM. This loop reads g and

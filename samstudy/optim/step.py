@@ -281,6 +281,7 @@ class SamOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _set_grads(params: list[torch.Tensor], d: list[torch.Tensor], used) -> None:
+        """Each parameter's ``.grad`` is its d; None for one without a gradient this step."""
         if used is _ALL_USED:
             for p, dp in zip(params, d, strict=True):
                 p.grad = dp
