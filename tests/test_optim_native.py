@@ -410,3 +410,21 @@ def test_rule_and_sgd_in_one_loop_runs_where_it_applies(monkeypatch):
     assert run(name="same", scales=[1, 0, 0, 0], stats=False) == [True, True]
     assert run(name="sam", stats=False) == [False, False]  # no rule: the SGD loop alone
     assert not any(run(name="same", scales=[1, 0, 0, 0], stats=False, base="adamw"))
+
+
+def test_rule_and_sgd_loop_declines_a_g_it_cannot_read():
+    """The step hands its g to ``sgd_step`` unchecked: a missing, transposed (not contiguous),
+    float64 or misshapen g makes it decline (False) with the weights and state untouched."""
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    p.grad = torch.randn(6, 4)
+    rule = create_optimizer([p], name="same", scales=[1, 0, 0, 0], lr=0.1).rule.native_rule()
+    assert rule is not None
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    before = p.detach().clone()
+    for g in (None, torch.randn(4, 6).t(), torch.randn(6, 4, dtype=torch.float64),
+              torch.randn(24)):  # fmt: skip
+        firsts = {} if g is None else {id(p): g}
+        assert not native.sgd_step(opt, rule, firsts)
+        assert torch.equal(p, before) and not opt.state[p]
+    assert native.sgd_step(opt, rule, {id(p): torch.randn(6, 4)})
+    assert not torch.equal(p, before)

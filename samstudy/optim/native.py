@@ -43,8 +43,10 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.optim import optimizer as _torch_optimizer
 
 _SOURCE = r"""
 #include <math.h>
@@ -393,12 +395,15 @@ def sgd_step(
         hyper = (group["lr"], group["weight_decay"], group["momentum"], group["dampening"])
         if not all(type(v) in (float, int) for v in hyper):
             return False
+        momentum = group["momentum"]
+        flags, args = _group_args(group)
         for p in group["params"]:
             g = p.grad
             if g is None:
                 continue
+            # is_cpu, not device.type: the checks run on every tensor of every step
             if not (
-                p.device.type == "cpu"
+                p.is_cpu
                 and p.dtype in _SGD_SYMBOLS
                 and g.dtype == p.dtype
                 and g.layout == torch.strided
@@ -413,52 +418,60 @@ def sgd_step(
                 if not (
                     first is not None
                     and first.dtype == p.dtype
-                    and first.device.type == "cpu"
+                    and first.is_cpu
                     and first.is_contiguous()
                     and first.shape == p.shape
                 ):
                     return False
             # torch's SGD keeps state only with momentum (a state_dict stays torch's)
-            state = opt.state[p] if group["momentum"] != 0 else {}
-            buf = state.get("momentum_buffer")
+            state = opt.state[p] if momentum != 0 else None
+            buf = state.get("momentum_buffer") if state is not None else None
             if buf is not None and not (
-                buf.device.type == "cpu"
+                buf.is_cpu
                 and buf.dtype == p.dtype
                 and buf.shape == p.shape  # a mismatched state dict: torch's step raises
                 and buf.is_contiguous()
             ):
                 return False
-            work.append((group, state, p, g, buf, first))
-    for group, state, p, g, buf, first in work:
-        _sgd_tensor(lib, group, state, p, g, buf, rule, first)
+            work.append((p, g, state, buf, first, flags, args))
+    for p, g, state, buf, first, flags, args in work:
+        _sgd_tensor(lib, p, g, state, buf, flags, args, rule, first)
     return True
 
 
-def _sgd_tensor(lib, group, state, p, g, buf, rule=None, first=None) -> None:  # noqa: ANN001
-    momentum = group["momentum"]
-    flags = (1 if group["weight_decay"] != 0 else 0) | (16 if group["maximize"] else 0)
+def _group_args(group: dict[str, Any]) -> tuple[int, tuple[float, ...]]:
+    """A group's flags for the C loop (all but the first step's, 4: set per tensor) and its
+    (weight decay, momentum, 1 - dampening, -lr)."""
+    wd, momentum = group["weight_decay"], group["momentum"]
+    flags = (1 if wd != 0 else 0) | (16 if group["maximize"] else 0)
     if momentum != 0:
         flags |= 2 | (8 if group["nesterov"] else 0)
-        if buf is None:
-            buf = state["momentum_buffer"] = torch.empty_like(p)
-            flags |= 4
-    hyper = (group["weight_decay"], momentum, 1 - group["dampening"], -group["lr"], flags)
+    return flags, (wd, momentum, 1 - group["dampening"], -group["lr"])
+
+
+def _sgd_tensor(lib, p, g, state, buf, flags, args, rule=None, first=None) -> None:  # noqa: ANN001
+    """One tensor's step: ``flags`` and ``args`` (wd, momentum, 1 - dampening, -lr) are its
+    group's; a momentum buffer is made here on the first step (``state`` holds it)."""
+    if state is not None and buf is None:
+        buf = state["momentum_buffer"] = torch.empty_like(p)
+        flags |= 4
     buf_ptr = buf.data_ptr() if buf is not None else None
     if rule is None:
         fn = getattr(lib, _SGD_SYMBOLS[p.dtype])
-        fn(p.data_ptr(), g.data_ptr(), buf_ptr, p.numel(), *hyper)
+        fn(p.data_ptr(), g.data_ptr(), buf_ptr, p.numel(), *args, flags)
     else:  # g is g_p, first is g
         fn = getattr(lib, _RULE_SGD_SYMBOLS[p.dtype])
         coef_a, coef_b = rule.coefficients(p.dtype)
         fn(p.data_ptr(), first.data_ptr(), g.data_ptr(), coef_a, coef_b, buf_ptr, p.numel(),
-           *hyper)  # fmt: skip
+           *args, flags)  # fmt: skip
     torch.autograd.graph.increment_version(p if buf is None else [p, buf])
 
 
 def _global_step_hooks() -> bool:
-    from torch.optim import optimizer
-
-    return bool(optimizer._global_optimizer_pre_hooks or optimizer._global_optimizer_post_hooks)
+    return bool(
+        _torch_optimizer._global_optimizer_pre_hooks
+        or _torch_optimizer._global_optimizer_post_hooks
+    )
 
 
 def _sgd_checked(lib: ctypes.CDLL) -> bool:
@@ -497,8 +510,10 @@ def _sgd_matches_torch(lib: ctypes.CDLL) -> bool:
         for _ in range(3):
             ours.grad = torch.randn(37, generator=gen, dtype=dtype)
             theirs.grad = ours.grad.clone()
-            group, state = mine.param_groups[0], mine.state[ours]
-            _sgd_tensor(lib, group, state, ours, ours.grad, state.get("momentum_buffer"))
+            group = mine.param_groups[0]
+            state = mine.state[ours] if group["momentum"] != 0 else None
+            buf = state.get("momentum_buffer") if state is not None else None
+            _sgd_tensor(lib, ours, ours.grad, state, buf, *_group_args(group))
             with torch.no_grad():
                 torch_step(ref)
         if not torch.equal(ours, theirs):

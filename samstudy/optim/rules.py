@@ -169,6 +169,13 @@ class RegionRule:
         """The C loop for these tensors, or None (switched off, unbuildable, unsupported)."""
         if not self.native or not native.NativeRule.supports(G + P):
             return None
+        return self.native_rule()
+
+    def native_rule(self) -> native.NativeRule | None:
+        """The C loop with this table, or None (switched off, unbuildable), for a caller that
+        checks the tensors itself (``native.sgd_step`` checks every one it steps)."""
+        if not self.native:
+            return None
         if self._native_rule is None:
             lib = native.library()
             if lib is None:

@@ -297,7 +297,7 @@ class SamOptimizer(torch.optim.Optimizer):
             return False
         if any(self.rule.compiled_for(part.space) for part in self._spaces):
             return False
-        rule = self.rule.native_for(g, gp)
+        rule = self.rule.native_rule()  # sgd_step checks g, g_p and p of every tensor
         if rule is None:
             return False
         self._set_grads(params, gp, used)  # sgd_step reads g_p as .grad, g from firsts
