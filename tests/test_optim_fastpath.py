@@ -193,3 +193,39 @@ def test_gradients_laid_out_unlike_their_weights_use_kept_buffers():
     fast = trained(Expanded, {"name": "sam", "stats": False}, data)
     kept = trained(Expanded, {"name": "sam", "stats_every": 1}, data)
     assert all(torch.equal(a, b) for a, b in zip(fast, kept, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adaptive_c_pass_equals_the_torch_passes(dtype):
+    """ASAM's w + e as one C pass (after w g's norm) is ``ascent`` followed by ``+ w`` bit for
+    bit, with a radius per tensor; a tensor it cannot take (transposed) leaves it to torch."""
+    from samstudy.optim.ascent import AscentConfig, adaptive_perturbed, ascent
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(7, 5), (5,), (300,), (2, 3, 4)]
+    g = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    w = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    rhos = [0.5, 0.5, 2.0, 0.05]
+    out = [torch.empty_like(t) for t in g]
+    got = adaptive_perturbed(g, w, rhos, out)
+    assert got is not None and all(a is b for a, b in zip(got, out, strict=True))
+    e, _ = ascent(AscentConfig(kind="adaptive"), g, w, rhos)
+    want = [ei + wi for ei, wi in zip(e, w, strict=True)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    transposed = [torch.empty(5, 7, dtype=dtype).t(), *out[1:]]
+    assert adaptive_perturbed(g, w, rhos, transposed) is None
+
+
+def test_adaptive_training_with_the_c_pass_equals_the_torch_passes(monkeypatch):
+    """Whole runs, statistics off (every step takes the C pass) and on every step (none does),
+    against runs where the C pass is refused: the same weights bit for bit."""
+    from samstudy.optim import native
+
+    data = batches()
+    knobs = {"name": "sam", "ascent": "adaptive"}
+    fast = trained(conv_net, {**knobs, "stats": False}, data)
+    measured = trained(conv_net, {**knobs, "stats_every": 1}, data)
+    monkeypatch.setattr(native, "adaptive_supports", lambda *args: False)
+    torch_passes = trained(conv_net, {**knobs, "stats": False}, data)
+    assert all(torch.equal(a, b) for a, b in zip(fast, torch_passes, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(fast, measured, strict=True))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from samstudy.optim import native
 from samstudy.optim.config import DEFAULT_CLAMP_RMS
 
 EPS = 1e-12  # the port's guard against a zero gradient
@@ -103,10 +104,15 @@ def ascent(
     e = _scaled(grads, rhos, gnorm, out)
     if cfg.kind == "clamp":
         tau = _clamp_threshold(cfg, e)
-        # min(max(e, -tau), tau) is clamp(e, -tau, tau) bit for bit; clamp with tensor bounds
-        # takes a slow unvectorised path on CPU (10x a pass), and a float bound would sync
-        torch._foreach_maximum_(e, [-tau] * len(e))
-        torch._foreach_minimum_(e, [tau] * len(e))
+        if tau.device.type == "cpu":  # reading tau costs nothing here: number bounds, one pass
+            bound = tau.item()
+            for t in e:
+                t.clamp_(-bound, bound)
+        else:
+            # min(max(e, -tau), tau) is clamp(e, -tau, tau) bit for bit; clamp with tensor
+            # bounds takes a slow unvectorised path (10x a pass), and a number bound would sync
+            torch._foreach_maximum_(e, [-tau] * len(e))
+            torch._foreach_minimum_(e, [tau] * len(e))
         if cfg.clamp_renorm:  # in place: e is out, or fresh tensors of its own
             e = _scaled(e, rhos, global_norm(e), e)
     return e, gnorm
@@ -144,6 +150,32 @@ def _adaptive(
             torch.mul(w, w, out=o)
     torch._foreach_mul_(out, grads)
     return _scaled(out, rhos, norm, out)
+
+
+@torch.no_grad()
+def adaptive_perturbed(
+    grads: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    rhos: Sequence[float],
+    out: Sequence[torch.Tensor],
+) -> list[torch.Tensor] | None:
+    """ASAM's (eta = 0) w + e written into ``out`` (kept CPU tensors, not ``grads``), or None
+    (nothing written) where the C pass cannot take the tensors.
+
+    w g and its norm as in :func:`_adaptive`, then e and w + e in one C pass per tensor
+    (``native.adaptive_perturb``) instead of torch's four, with their roundings: bit for bit
+    ``ascent`` followed by ``+ w``.
+    """
+    out, grads, weights = list(out), list(grads), list(weights)
+    if not native.adaptive_supports(out, grads, weights):
+        return None
+    for o, w, g in zip(out, weights, grads, strict=True):
+        torch.mul(w, g, out=o)
+    norm = global_norm(out)
+    # each rho's scale as _scaled computes it, read once (no sync on a CPU)
+    scale_of = {rho: (rho / (norm + EPS)).item() for rho in dict.fromkeys(rhos)}
+    native.adaptive_perturb(out, grads, weights, [scale_of[rho] for rho in rhos])
+    return out
 
 
 def _clamp_threshold(cfg: AscentConfig, e: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -186,6 +186,20 @@ void NAME(T *p, const T *g, const T *gp, const T *A, const T *B, T *buf, int64_t
 
 RULE_SGD(float, samstudy_rule_sgd_f32, fmaf, fabsf)
 RULE_SGD(double, samstudy_rule_sgd_f64, fma, fabs)
+
+/* ASAM's w + e (eta = 0): ((w * w) * g) * scale + w, each product and the sum rounded in that
+   order, as torch's four passes round them. out may be g itself, never w. */
+#define ADAPTIVE(T, NAME)                                                                    \
+void NAME(T *out, const T *g, const T *w, int64_t n, T scale) {                              \
+    for (int64_t i = 0; i < n; i++) {                                                        \
+        const T wi = w[i];                                                                   \
+        const T e = ((wi * wi) * g[i]) * scale;                                              \
+        out[i] = e + wi;                                                                     \
+    }                                                                                        \
+}
+
+ADAPTIVE(float, samstudy_adaptive_f32)
+ADAPTIVE(double, samstudy_adaptive_f64)
 """
 
 # -ffp-contract=off: no fused multiply-adds but the explicit fma() calls (they would round d
@@ -195,6 +209,7 @@ _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared")
 _SYMBOLS = {torch.float32: "samstudy_rule_f32", torch.float64: "samstudy_rule_f64"}
 _SGD_SYMBOLS = {torch.float32: "samstudy_sgd_f32", torch.float64: "samstudy_sgd_f64"}
 _RULE_SGD_SYMBOLS = {torch.float32: "samstudy_rule_sgd_f32", torch.float64: "samstudy_rule_sgd_f64"}
+_ADAPTIVE_SYMBOLS = {torch.float32: "samstudy_adaptive_f32", torch.float64: "samstudy_adaptive_f64"}
 DTYPES = tuple(_SYMBOLS)
 _C_TYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 
@@ -255,6 +270,10 @@ def library() -> ctypes.CDLL | None:
                 [ctypes.c_void_p] * 3 + [ptr, ptr, ctypes.c_void_p, ctypes.c_int64]
                 + [scalar] * 4 + [ctypes.c_int]
             )  # fmt: skip
+            fn.restype = None
+        for dtype, symbol in _ADAPTIVE_SYMBOLS.items():
+            fn = getattr(lib, symbol)
+            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, _C_TYPES[dtype]]
             fn.restype = None
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         warnings.warn(
@@ -345,6 +364,36 @@ class NativeRule:
             counts.data_ptr() if counts is not None else None,
             dots.data_ptr() if dots is not None else None,
         )
+
+
+# -- ASAM's w + e -----------------------------------------------------------------------------
+
+
+def adaptive_supports(
+    out: list[torch.Tensor], g: list[torch.Tensor], w: list[torch.Tensor]
+) -> bool:
+    """Can :func:`adaptive_perturb` take these tensors (and is the library there)? CPU,
+    float32/64, contiguous, each ``out[i]`` shaped and typed like ``g[i]`` and ``w[i]``."""
+    for o, gi, wi in zip(out, g, w, strict=True):
+        if not (o.is_cpu and o.dtype in _ADAPTIVE_SYMBOLS and o.is_contiguous()):
+            return False
+        for t in (gi, wi):
+            if not (t.dtype == o.dtype and t.shape == o.shape and t.is_contiguous()):
+                return False
+    return library() is not None
+
+
+def adaptive_perturb(
+    out: list[torch.Tensor], g: list[torch.Tensor], w: list[torch.Tensor], scales: list[float]
+) -> None:
+    """``out[i] = ((w[i] * w[i]) * g[i]) * scales[i] + w[i]``: one C pass per tensor where
+    torch makes four, with their roundings (a scale is the value of a 0-dim tensor of the
+    tensors' dtype). The tensors must suit (:func:`adaptive_supports`)."""
+    lib = library()
+    for o, gi, wi, scale in zip(out, g, w, scales, strict=True):
+        fn = getattr(lib, _ADAPTIVE_SYMBOLS[o.dtype])
+        fn(o.data_ptr(), gi.data_ptr(), wi.data_ptr(), o.numel(), scale)
+    torch.autograd.graph.increment_version(out)
 
 
 # -- SGD --------------------------------------------------------------------------------------

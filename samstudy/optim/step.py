@@ -44,7 +44,7 @@ import torch
 from torch.nn.modules.batchnorm import _NormBase
 
 from samstudy.optim import native
-from samstudy.optim.ascent import EPS, AscentConfig, ascent, global_norm
+from samstudy.optim.ascent import EPS, AscentConfig, adaptive_perturbed, ascent, global_norm
 from samstudy.optim.flat import FlatSpace
 from samstudy.optim.lazy_dynamo import defer_dynamo_import
 from samstudy.optim.params import normalize_params
@@ -348,10 +348,17 @@ class SamOptimizer(torch.optim.Optimizer):
                 out = g
             else:
                 out = self._perturbed_buffers(params)
-            e, gnorm = ascent(self.ascent_cfg, g, w, rhos, out=out)
-            enorm = self._ascent_norm(e, gnorm, rhos) if measure else None
-            torch._foreach_add_(e, w)  # w + e in place: e itself is not needed any more
-            wp = e
+            cfg = self.ascent_cfg
+            wp = None
+            if cfg.kind == "adaptive" and not cfg.eta and out is not None and not measure:
+                # CPU: w + e in one C pass after w g's norm (None: the torch passes)
+                wp = adaptive_perturbed(g, w, rhos, out) if self.rule.native else None
+                gnorm = enorm = None
+            if wp is None:
+                e, gnorm = ascent(cfg, g, w, rhos, out=out)
+                enorm = self._ascent_norm(e, gnorm, rhos) if measure else None
+                torch._foreach_add_(e, w)  # w + e in place: e itself is not needed any more
+                wp = e
             if not keep_g:
                 g = None  # on a GPU e is a copy: g's memory is free for the second pass
         # BatchNorm: running statistics move in the first pass only (as bn.running_stats_frozen)
