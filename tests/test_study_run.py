@@ -164,6 +164,7 @@ class KillWorkerOnce(tune.Callback):
         self.killed_pid: int | None = None
         self.epochs: list[int] = []
         self.epochs_after_kill: list[int] = []
+        self.checkpointed: list[int] = []  # the epochs whose results carried a checkpoint
 
     def on_trial_result(self, trial: Any, result: dict, **info: Any) -> None:
         epoch = int(result["epoch"])
@@ -173,6 +174,9 @@ class KillWorkerOnce(tune.Callback):
         if self.killed_pid is None and epoch == self.at_epoch:
             self.killed_pid = result["pid"]
             os.kill(result["pid"], signal.SIGKILL)
+
+    def on_checkpoint(self, trial: Any, **info: Any) -> None:
+        self.checkpointed.append(int(trial.last_result["epoch"]))
 
 
 def test_killed_worker_resumes_from_checkpoint_without_duplicate_steps(
@@ -192,6 +196,8 @@ def test_killed_worker_resumes_from_checkpoint_without_duplicate_steps(
     assert steps(result.tracking_uri, run.info.run_id) == list(range(1, 9))
     assert run.data.tags["samstudy.status"] == "completed"
     assert run.data.tags["samstudy.retried"] == "true"
+    # checkpoints.keep_final: false (the default): the last epoch's checkpoint is never written
+    assert killer.checkpointed and max(killer.checkpointed) == 7, killer.checkpointed
 
 
 def test_search_study_with_optuna_and_asha(local_ray: None, tmp_path: Path) -> None:

@@ -310,6 +310,28 @@ def test_epoch_batcher_keeps_a_checkpoint_at_most_every_checkpoint_min_s() -> No
     assert every == [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]
 
 
+def test_epoch_batcher_drops_the_last_checkpoint_unless_kept_or_stopping() -> None:
+    """checkpoints.keep_final: false: the last epoch goes out without its checkpoint (the driver
+    would delete it on arrival); kept with keep_final, and when the study is being stopped."""
+
+    def last_state(keep_final: bool, stopping: bool = False, status: str = "completed"):
+        sent: list[tuple[dict, object]] = []
+        batcher = EpochBatcher(
+            lambda m, s: sent.append((m, s)), batch_s=0.0, clock=_Clock(), keep_final=keep_final
+        )
+        batcher({"epoch": 1, "status": "running"}, state={"epoch": 1})
+        batcher.keep_checkpoints = stopping
+        batcher({"epoch": 2, "status": status}, state={"epoch": 2})
+        assert sent[0][1] == {"epoch": 1}  # a running epoch's checkpoint goes out either way
+        assert [m["epoch"] for m, _ in sent] == [1, 2]
+        return sent[-1][1]
+
+    assert last_state(keep_final=False) is None
+    assert last_state(keep_final=False, status="diverged") is None
+    assert last_state(keep_final=True) == {"epoch": 2}
+    assert last_state(keep_final=False, stopping=True) == {"epoch": 2}
+
+
 def test_epoch_batcher_flush_after_an_error_and_batch_zero() -> None:
     sent: list[dict] = []
     batcher = EpochBatcher(lambda m, s: sent.append(m), batch_s=60.0)

@@ -33,6 +33,7 @@ def tune_trainable(
         batch_s=0.0 if asha else REPORT_BATCH_S,
         checkpoint_min_s=study.checkpoint_min_s,
         control=control,
+        keep_final=study.checkpoints.keep_final,
     )
     return tune.with_resources(fn, {"cpu": study.resources.cpus, "gpu": study.resources.gpus})
 
