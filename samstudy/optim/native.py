@@ -1,7 +1,9 @@
-"""The region rule and the SGD step as one C loop per parameter tensor: the CPU path.
+"""The region rule, the SGD step and ASAM's ascent as one C loop per parameter tensor: the CPU
+path.
 
-Long because the C source of its three loops (the rule, the SGD step, both in one) lives here,
-beside the ctypes bindings and the checks against torch that must match it line for line.
+Long because the C source of its four loops (the rule, the SGD step, both in one, ASAM's w + e)
+lives here, beside the ctypes bindings and the checks against torch that must match it line for
+line.
 
 The eager rule (``rules._Masks``) is a dozen elementwise passes; on a 0.3M-parameter MLP each
 pass costs about 1% of a SAM step, so a preset cost 13-50% on top of SAM. This loop reads g and
@@ -22,6 +24,9 @@ maximize) in one pass instead of four, with torch's roundings: ``SamOptimizer`` 
 base step where it applies (``torch.optim.SGD`` on CPU tensors, no step hooks), a third to a half of
 torch's time (42 us against 140 on the digits MLP, 3.4 ms against 7.5 on ResNet-18). With a
 rule, ``sgd_step`` runs both in one loop (``RULE_SGD``): the step on d, which stays in a register.
+
+:func:`adaptive_perturb` is ASAM's e and w + e (eta = 0) in one pass where torch makes four, with
+their roundings in their order (``ascent.adaptive_perturbed`` calls it after w g's norm).
 
 The library is built once per machine with the system C compiler (``$CC``, default ``cc``; 1-3
 s) into ``$SAMSTUDY_KERNEL_CACHE`` (default ``~/.cache/samstudy/kernels``), keyed by
