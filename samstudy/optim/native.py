@@ -96,13 +96,17 @@ void NAME(const T *g, const T *gp, T *d, int64_t n, const T *A, const T *B,     
         }                                                                                    \
         return;                                                                              \
     }                                                                                        \
-    int64_t c_gt0 = 0, c_ge = 0, c_le0 = 0, c_le = 0;                                        \
-    for (int64_t i = 0; i < n; i++) {                                                        \
-        MASKS(T, ABS)                                                                        \
-        c_gt0 += gt0; c_ge += ge; c_le0 += le0; c_le += le;                                  \
-        if (d) D_OF(T, d[i])                                                                 \
+    /* int32 sums per block of 2^30 coordinates: they vectorise, int64 ones did not (4x) */  \
+    for (int64_t s = 0; s < n; s += (int64_t)1 << 30) {                                      \
+        const int64_t e = n - s < ((int64_t)1 << 30) ? n : s + ((int64_t)1 << 30);           \
+        int32_t c_gt0 = 0, c_ge = 0, c_le0 = 0, c_le = 0;                                    \
+        for (int64_t i = s; i < e; i++) {                                                    \
+            MASKS(T, ABS)                                                                    \
+            c_gt0 += gt0; c_ge += ge; c_le0 += le0; c_le += le;                              \
+            if (d) D_OF(T, d[i])                                                             \
+        }                                                                                    \
+        counts[0] += c_gt0; counts[1] += c_ge; counts[2] += c_le0; counts[3] += c_le;        \
     }                                                                                        \
-    counts[0] += c_gt0; counts[1] += c_ge; counts[2] += c_le0; counts[3] += c_le;            \
     /* <g, g_p> and <g_p, g_p> in double (float products are exact there), 8 partial sums */ \
     double s1[8] = {0}, s2[8] = {0};                                                         \
     int64_t i = 0;                                                                           \
